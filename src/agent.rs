@@ -1,0 +1,1121 @@
+//! The agent's tasks (DESIGN.md §2, §8): one fetch loop per source, one
+//! writer that owns the sync state, a directory watcher for drift, signals,
+//! and `run --once`.
+//!
+//! Fetch loops hand the writer owned, validated [`FetchReport`]s over a
+//! channel and share nothing else with it: that boundary is serializable,
+//! so it can later become a process boundary (network and parsing
+//! unprivileged, only the writer as root). All tasks stop together on a
+//! [`CancellationToken`]; blocking file I/O runs on the blocking pool.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{self, Settings, SourceSettings, UserSettings, WriteMode};
+use crate::engine::{Engine, Plan};
+use crate::keys::{self, KeySet, Policy};
+use crate::render;
+use crate::source::{self, Answer, KeySource};
+use crate::state::{LastGood, StateDir};
+use crate::status::{Shared, SourceStatus, UserStatus, to_unix};
+use crate::users;
+use crate::write::{self, Outcome};
+
+/// What one fetch produced. Owned and serializable: the fetch side's only
+/// message to the writer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FetchReport {
+    pub source: String,
+    pub fetched: Fetched,
+    pub at: SystemTime,
+    pub took: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Fetched {
+    /// The list is this (validated; rejected entries were logged).
+    List { keys: KeySet, etag: Option<String> },
+    /// Unchanged since the last good answer.
+    Unchanged,
+    /// No authoritative answer: the last good keys stay.
+    Failed {
+        error: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+/// Fetches once and validates the answer with the key policy.
+pub async fn fetch(name: &str, source: &mut dyn KeySource, policy: &Policy) -> FetchReport {
+    let started = Instant::now();
+    let fetched = match source.fetch().await {
+        Ok(Answer::List { entries, etag }) => {
+            let (keys, rejected) = keys::parse_entries(entries.iter().map(String::as_str), policy);
+            for r in &rejected {
+                tracing::warn!(source = name, rejected = %r, "dropping key that fails the key policy");
+            }
+            Fetched::List { keys, etag }
+        }
+        Ok(Answer::Unchanged) => Fetched::Unchanged,
+        Err(e) => Fetched::Failed {
+            error: e.chain(),
+            retry_after: e.retry_after(),
+        },
+    };
+    FetchReport {
+        source: name.to_string(),
+        fetched,
+        at: SystemTime::now(),
+        took: started.elapsed(),
+    }
+}
+
+/// What syncing one user asks of the caller.
+#[derive(Debug, Default)]
+pub struct SyncOutcome {
+    /// Fetch these sources again at this time to confirm a mass removal.
+    pub confirm: Option<(Instant, Vec<String>)>,
+    /// The user's home file was (re)written.
+    pub wrote_home: bool,
+    /// The user failed (reported in status).
+    pub failed: bool,
+}
+
+/// The writer side: owns the engine, the state dir and every file write.
+/// Its methods block (file I/O); the daemon calls them on the blocking pool.
+pub struct Syncer {
+    settings: Settings,
+    engine: Engine,
+    state: StateDir,
+    shared: Shared,
+    /// Source answers not yet persisted to the state dir, by time of the last save.
+    saved_at: HashMap<String, SystemTime>,
+}
+
+impl Syncer {
+    /// Restores persisted last good answers and what each user holds.
+    pub fn new(settings: Settings, shared: Shared) -> Self {
+        let state = StateDir::new(&settings.state_dir);
+        if let Err(e) = state.ensure() {
+            tracing::error!(path = %settings.state_dir.display(), error = %e, "cannot create state_dir");
+        }
+        let mut syncer = Syncer {
+            engine: Engine::new(&settings),
+            state,
+            shared,
+            settings,
+            saved_at: HashMap::new(),
+        };
+        syncer.restore();
+        syncer.publish_config(None);
+        syncer
+    }
+
+    fn restore(&mut self) {
+        let policy = &self.settings.policy.keys;
+        for (name, src) in &self.settings.sources {
+            let good = self.state.load_source(name, policy);
+            let mut status = self.shared.lock();
+            let entry = status.sources.entry(name.clone()).or_default();
+            entry.kind = src.kind.name().to_string();
+            entry.mode = if src.subscribe_url.is_some() { "subscribe" } else { "poll" }.to_string();
+            if let Some(good) = good {
+                entry.has_answer = true;
+                entry.key_count = good.keys.len();
+                entry.etag.clone_from(&good.etag);
+                entry.last_success = Some(to_unix(good.fetched_at));
+                drop(status);
+                tracing::info!(source = %name, keys = good.keys.len(), "restored last good keys from state_dir");
+                self.saved_at.insert(name.clone(), good.fetched_at);
+                self.engine.restore(name, good);
+            }
+        }
+        let readback = Policy {
+            allow_source_options: true,
+            ..policy.clone()
+        };
+        for user in &self.settings.users {
+            if let Some(cache) = self.state.load_cache(&user.name) {
+                let text = String::from_utf8_lossy(&cache);
+                let (keys, _) = keys::parse_authorized_keys(&text, &readback);
+                self.engine.set_applied(&user.name, keys);
+            }
+            self.init_user_status(user);
+        }
+    }
+
+    fn init_user_status(&self, user: &UserSettings) {
+        let mut status = self.shared.lock();
+        let entry = status.users.entry(user.name.clone()).or_default();
+        entry.write_mode = match user.write {
+            WriteMode::Block => "block",
+            WriteMode::Fragment => "fragment",
+            WriteMode::None => "none",
+        }
+        .to_string();
+        entry.path = users::lookup(&user.name)
+            .ok()
+            .and_then(|a| user.path.as_deref().map(|p| users::expand(p, &a)));
+        if let Some(keys) = self.engine.applied(&user.name) {
+            entry.fingerprints = keys.fingerprints();
+        }
+    }
+
+    fn publish_config(&self, reload_error: Option<String>) {
+        let mut status = self.shared.lock();
+        status.config.path = self.settings.config_path.clone();
+        if reload_error.is_none() {
+            status.config.loaded_at = crate::status::unix_now();
+        }
+        status.config.last_reload_error = reload_error;
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Applies a reloaded config: sources and users come and go; known
+    /// answers and written state are kept.
+    pub fn reconfigure(&mut self, settings: Settings) {
+        let old_users: HashMap<String, UserSettings> =
+            self.settings.users.iter().map(|u| (u.name.clone(), u.clone())).collect();
+        self.state = StateDir::new(&settings.state_dir);
+        if let Err(e) = self.state.ensure() {
+            tracing::error!(path = %settings.state_dir.display(), error = %e, "cannot create state_dir");
+        }
+        self.engine.configure(&settings);
+        {
+            let mut status = self.shared.lock();
+            status.sources.retain(|n, _| settings.sources.contains_key(n));
+            status.users.retain(|n, _| settings.users.iter().any(|u| &u.name == n));
+        }
+        self.settings = settings;
+        self.restore();
+        // A user whose target moved or who is gone: take the agent's lines out
+        // of the old file so no key stays behind where nothing manages it.
+        for (name, old) in old_users {
+            let new = self.settings.users.iter().find(|u| u.name == name);
+            let moved = new.is_none_or(|n| n.write != old.write || n.path != old.path);
+            if moved {
+                self.clear_home_file(&old);
+            }
+            if new.is_none()
+                && let Err(e) = self.state.remove_cache(&name)
+            {
+                tracing::warn!(user = %name, error = %e, "cannot remove cache of removed user");
+            }
+        }
+        self.publish_config(None);
+    }
+
+    /// Records a failed reload: the running config stays.
+    pub fn reload_failed(&self, error: String) {
+        self.publish_config(Some(error));
+    }
+
+    fn clear_home_file(&self, user: &UserSettings) {
+        let Ok(account) = users::lookup(&user.name) else { return };
+        let Some(spec) = users::home_file_spec(user, &account) else { return };
+        let result = match user.write {
+            WriteMode::Block => write::apply(&spec, &mut |cur| render::merge_block(cur, &[])),
+            WriteMode::Fragment => write::apply(&spec, &mut |_| None),
+            WriteMode::None => return,
+        };
+        if let Err(e) = result {
+            tracing::warn!(user = %user.name, error = %e, "cannot remove keys from the old target");
+        }
+    }
+
+    /// Takes in a fetch report; returns the users whose keys may have changed.
+    pub fn on_fetch(&mut self, report: &FetchReport, now: Instant) -> Vec<String> {
+        let name = &report.source;
+        let Some(settings) = self.settings.sources.get(name) else {
+            return Vec::new();
+        };
+        let metrics = self.shared.metrics.clone();
+        let labels = crate::status::SourceLabels { source: name.clone() };
+        metrics.fetch_duration.get_or_create(&labels).observe(report.took.as_secs_f64());
+        let result = match &report.fetched {
+            Fetched::List { keys, .. } if keys.is_empty() => "empty",
+            Fetched::List { .. } => "ok",
+            Fetched::Unchanged => "unchanged",
+            Fetched::Failed { .. } => "error",
+        };
+        metrics
+            .fetch_total
+            .get_or_create(&crate::status::FetchLabels {
+                source: name.clone(),
+                result: result.to_string(),
+            })
+            .inc();
+
+        let mut status = self.shared.lock();
+        let entry: &mut SourceStatus = status.sources.entry(name.clone()).or_default();
+        entry.kind = settings.kind.name().to_string();
+        entry.last_attempt = Some(to_unix(report.at));
+        match &report.fetched {
+            Fetched::Failed { error, .. } => {
+                entry.last_error = Some(error.clone());
+                drop(status);
+                tracing::warn!(source = %name, error = %error, "fetch failed; keeping the last good keys");
+                return Vec::new();
+            }
+            Fetched::List { keys, etag } => {
+                entry.last_error = None;
+                entry.last_success = Some(to_unix(report.at));
+                entry.has_answer = true;
+                entry.key_count = keys.len();
+                entry.etag.clone_from(etag);
+                drop(status);
+                let good = LastGood {
+                    keys: keys.clone(),
+                    etag: etag.clone(),
+                    fetched_at: report.at,
+                };
+                let changed = self.engine.last_good(name).is_none_or(|old| !old.keys.same_as(keys) || old.keys != *keys || old.etag != *etag);
+                if changed || self.save_is_due(name, report.at) {
+                    self.persist(name, &good);
+                }
+                self.engine.answer(name, good, now);
+            }
+            Fetched::Unchanged => {
+                entry.last_error = None;
+                entry.last_success = Some(to_unix(report.at));
+                drop(status);
+                self.engine.unchanged(name, report.at, now);
+                if self.save_is_due(name, report.at)
+                    && let Some(good) = self.engine.last_good(name).cloned()
+                {
+                    self.persist(name, &good);
+                }
+            }
+        }
+        metrics
+            .last_success
+            .get_or_create(&labels)
+            .set(to_unix(report.at));
+        self.engine.users_of(name)
+    }
+
+    /// The persisted time of the last good answer only matters for
+    /// `max_stale` across restarts; refresh it now and then, not at every poll.
+    fn save_is_due(&self, name: &str, at: SystemTime) -> bool {
+        let every = self
+            .settings
+            .policy
+            .max_stale
+            .map_or(Duration::from_secs(600), |m| (m / 10).min(Duration::from_secs(600)));
+        self.saved_at
+            .get(name)
+            .is_none_or(|saved| at.duration_since(*saved).is_ok_and(|age| age >= every))
+    }
+
+    fn persist(&mut self, name: &str, good: &LastGood) {
+        match self.state.save_source(name, good) {
+            Ok(_) => {
+                self.saved_at.insert(name.to_string(), good.fetched_at);
+            }
+            Err(e) => tracing::error!(source = %name, error = %e, "cannot persist last good keys"),
+        }
+    }
+
+    /// Brings every user's files in line; returns the combined outcome.
+    pub fn sync_all(&mut self, now: Instant) -> Vec<(String, SyncOutcome)> {
+        let names: Vec<String> = self.settings.users.iter().map(|u| u.name.clone()).collect();
+        names
+            .into_iter()
+            .map(|n| {
+                let outcome = self.sync_user(&n, now);
+                (n, outcome)
+            })
+            .collect()
+    }
+
+    /// Brings one user's files in line with the engine's plan.
+    pub fn sync_user(&mut self, name: &str, now: Instant) -> SyncOutcome {
+        let Some(user) = self.settings.users.iter().find(|u| u.name == name).cloned() else {
+            return SyncOutcome::default();
+        };
+        let mut outcome = SyncOutcome::default();
+        let (keys, pending) = match self.engine.plan(name, now, SystemTime::now()) {
+            Plan::Write(keys) => (Some(keys), None),
+            Plan::Waiting { sources } => (
+                None,
+                Some(format!("waiting for a first answer from {}", sources.join(", "))),
+            ),
+            Plan::Confirm { keep, at, sources } => {
+                let note = format!(
+                    "a removal of more than half of the keys awaits confirmation by a second fetch of {}",
+                    sources.join(", ")
+                );
+                tracing::warn!(user = %name, "{note}");
+                outcome.confirm = Some((at, sources));
+                (keep, Some(note))
+            }
+        };
+        self.shared.lock().users.entry(name.to_string()).or_default().pending = pending;
+        if let Some(keys) = keys {
+            match self.write_user(&user, &keys) {
+                Ok(wrote) => outcome.wrote_home = wrote,
+                Err(()) => outcome.failed = true,
+            }
+        }
+        outcome
+    }
+
+    /// Writes the cache and the home file of one user. Errors are logged and
+    /// put in status; Ok(true) when the home file changed.
+    fn write_user(&mut self, user: &UserSettings, keys: &KeySet) -> Result<bool, ()> {
+        let name = &user.name;
+        let fail = |shared: &Shared, error: String| {
+            tracing::error!(user = %name, error = %error, "cannot write keys for user; other users go on");
+            shared.lock().users.entry(name.clone()).or_default().last_error = Some(error);
+        };
+        let account = match users::lookup(name) {
+            Ok(a) => a,
+            Err(e) => {
+                fail(&self.shared, e.to_string());
+                return Err(());
+            }
+        };
+        let lines = render::key_lines(keys, user.options.as_deref());
+        let cache = render::cache(&lines);
+        let mut wrote_any = false;
+        match self.state.save_cache(name, &cache) {
+            Ok(Outcome::Unchanged) => {}
+            Ok(_) => wrote_any = true,
+            Err(e) => {
+                fail(&self.shared, format!("cache: {e}"));
+                return Err(());
+            }
+        }
+        let spec = users::home_file_spec(user, &account);
+        let home = match (&spec, user.write) {
+            (Some(spec), WriteMode::Block) => {
+                write::apply(spec, &mut |cur| render::merge_block(cur, &lines))
+            }
+            (Some(spec), WriteMode::Fragment) => write::apply(spec, &mut |_| render::fragment(&lines)),
+            _ => Ok(Outcome::Unchanged),
+        };
+        let wrote_home = match home {
+            Ok(outcome) => outcome != Outcome::Unchanged,
+            Err(e) => {
+                fail(&self.shared, e.to_string());
+                return Err(());
+            }
+        };
+        wrote_any |= wrote_home;
+        self.log_changes(name, keys);
+        self.engine.written(name, keys.clone());
+        let labels = crate::status::UserLabels { user: name.clone() };
+        self.shared.metrics.keys.get_or_create(&labels).set(keys.len() as i64);
+        if wrote_any {
+            self.shared.metrics.writes_total.get_or_create(&labels).inc();
+        }
+        let mut status = self.shared.lock();
+        let entry: &mut UserStatus = status.users.entry(name.clone()).or_default();
+        entry.last_error = None;
+        entry.fingerprints = keys.fingerprints();
+        entry.path = spec.map(|s| s.path);
+        if wrote_any {
+            entry.last_write = Some(crate::status::unix_now());
+        }
+        Ok(wrote_home)
+    }
+
+    fn log_changes(&self, user: &str, keys: &KeySet) {
+        let empty = KeySet::default();
+        let before = self.engine.applied(user).unwrap_or(&empty);
+        let old: HashSet<(&str, &str)> = before.keys().iter().map(|k| k.id()).collect();
+        let new: HashSet<(&str, &str)> = keys.keys().iter().map(|k| k.id()).collect();
+        for key in keys.keys().iter().filter(|k| !old.contains(&k.id())) {
+            let source = self.source_of(user, key);
+            tracing::info!(user, source, fingerprint = %key.fingerprint, comment = %key.comment, "key added");
+        }
+        for key in before.keys().iter().filter(|k| !new.contains(&k.id())) {
+            tracing::info!(user, fingerprint = %key.fingerprint, comment = %key.comment, "key removed");
+        }
+    }
+
+    fn source_of(&self, user: &str, key: &keys::Key) -> String {
+        let Some(u) = self.settings.users.iter().find(|u| u.name == user) else {
+            return String::new();
+        };
+        u.sources
+            .iter()
+            .filter(|s| {
+                self.engine
+                    .last_good(s)
+                    .is_some_and(|g| g.keys.keys().iter().any(|k| k.id() == key.id()))
+            })
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Records a drift repair (another writer changed the file).
+    pub fn count_drift_repair(&self, user: &str) {
+        self.shared
+            .metrics
+            .drift_repairs_total
+            .get_or_create(&crate::status::UserLabels { user: user.to_string() })
+            .inc();
+        self.shared.lock().users.entry(user.to_string()).or_default().drift_repairs += 1;
+    }
+
+    /// The directories holding each user's home file, for the drift watch.
+    pub fn watched_dirs(&self) -> Vec<(PathBuf, String)> {
+        let mut dirs = Vec::new();
+        for user in &self.settings.users {
+            if let Ok(account) = users::lookup(&user.name)
+                && let Some(spec) = users::home_file_spec(user, &account)
+                && let Some(parent) = spec.path.parent()
+            {
+                dirs.push((parent.to_path_buf(), user.name.clone()));
+            }
+        }
+        dirs
+    }
+
+    /// Users due a fail-closed removal (`max_stale`) or any other time-based change.
+    pub fn has_max_stale(&self) -> bool {
+        self.settings.policy.max_stale.is_some()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// run --once
+
+/// One sync pass: fetch every source once, confirm mass removals, write.
+/// Returns true when every source answered and every user was written.
+pub async fn run_once(settings: Settings) -> bool {
+    let shared = Shared::new();
+    let policy = settings.policy.keys.clone();
+    let confirm_delay = settings.policy.confirm_delay;
+    let mut syncer = Syncer::new(settings.clone(), shared);
+    let mut sources: BTreeMap<String, Box<dyn KeySource>> = BTreeMap::new();
+    let mut all_ok = true;
+    for (name, src) in &settings.sources {
+        let etag = syncer.engine.last_good(name).and_then(|g| g.etag.clone());
+        match source::build(src, etag) {
+            Ok(s) => {
+                sources.insert(name.clone(), s);
+            }
+            Err(e) => {
+                all_ok = false;
+                tracing::error!(source = %name, error = %e.chain(), "cannot set up source");
+            }
+        }
+    }
+    let mut to_fetch: Vec<String> = sources.keys().cloned().collect();
+    // A mass removal is confirmed by one more fetch; a list that keeps
+    // changing under confirmation is given up on after a few rounds.
+    for round in 0..4 {
+        let mut round_ok = true;
+        for name in &to_fetch {
+            if let Some(source) = sources.get_mut(name) {
+                let report = fetch(name, source.as_mut(), &policy).await;
+                round_ok &= !matches!(report.fetched, Fetched::Failed { .. });
+                syncer.on_fetch(&report, Instant::now());
+            }
+        }
+        all_ok &= round_ok;
+        let outcomes = tokio::task::block_in_place(|| syncer.sync_all(Instant::now()));
+        let mut confirm: Option<Instant> = None;
+        let mut confirm_sources = HashSet::new();
+        for (_, outcome) in &outcomes {
+            all_ok &= !outcome.failed;
+            if let Some((at, srcs)) = &outcome.confirm {
+                confirm = Some(confirm.map_or(*at, |c| c.max(*at)));
+                confirm_sources.extend(srcs.iter().cloned());
+            }
+        }
+        let Some(at) = confirm else { break };
+        if round == 3 || !round_ok {
+            tracing::error!("mass removal not confirmed; the previous keys stay");
+            all_ok = false;
+            break;
+        }
+        tracing::info!(delay = ?confirm_delay, "confirming a mass removal with a second fetch");
+        tokio::time::sleep_until(at.into()).await;
+        to_fetch = confirm_sources.into_iter().collect();
+    }
+    all_ok
+}
+
+// ---------------------------------------------------------------------------
+// The daemon.
+
+/// Messages to the writer task.
+#[derive(Debug)]
+pub enum Event {
+    Fetched(FetchReport),
+    /// A watched directory changed: re-assert this user's file.
+    Drift(String),
+    /// SIGHUP or a config file change.
+    Reload,
+}
+
+/// Handles shared by the daemon's tasks.
+struct Daemon {
+    shared: Shared,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    events: mpsc::Sender<Event>,
+    notify: crate::agent::Notifier,
+}
+
+/// systemd notifications; silent without `NOTIFY_SOCKET`.
+#[derive(Clone)]
+pub struct Notifier {
+    enabled: bool,
+    ready: Arc<AtomicBool>,
+}
+
+impl Notifier {
+    pub fn from_env() -> Self {
+        Notifier {
+            enabled: std::env::var_os("NOTIFY_SOCKET").is_some(),
+            ready: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn send(&self, states: &[sd_notify::NotifyState<'_>]) {
+        if self.enabled
+            && let Err(e) = sd_notify::notify(false, states)
+        {
+            tracing::debug!(error = %e, "sd_notify failed");
+        }
+    }
+
+    /// READY=1, once.
+    pub fn ready(&self, status: &str) {
+        if !self.ready.swap(true, Ordering::SeqCst) {
+            self.send(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(status)]);
+        }
+    }
+
+    pub fn status(&self, status: &str) {
+        self.send(&[sd_notify::NotifyState::Status(status)]);
+    }
+
+    pub fn watchdog(&self) {
+        self.send(&[sd_notify::NotifyState::Watchdog]);
+    }
+
+    pub fn stopping(&self) {
+        self.send(&[sd_notify::NotifyState::Stopping]);
+    }
+
+    /// Half of `WATCHDOG_USEC`, when the service manager asked for pings.
+    pub fn watchdog_interval(&self) -> Option<Duration> {
+        if !self.enabled {
+            return None;
+        }
+        let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+        if let Ok(pid) = std::env::var("WATCHDOG_PID")
+            && pid.parse::<u32>().ok() != Some(std::process::id())
+        {
+            return None;
+        }
+        (usec > 0).then(|| Duration::from_micros(usec / 2))
+    }
+}
+
+/// How long start-up waits for the first sync before READY=1 regardless, so
+/// boot never waits on a dead network (cached keys are served meanwhile).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs the daemon until SIGTERM/SIGINT. Returns an error only for start-up
+/// failures.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let shared = Shared::new();
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let (events, events_rx) = mpsc::channel::<Event>(256);
+    let notify = Notifier::from_env();
+    let daemon = Daemon {
+        shared: shared.clone(),
+        cancel: cancel.clone(),
+        tracker: tracker.clone(),
+        events: events.clone(),
+        notify: notify.clone(),
+    };
+
+    let health = crate::health::bind(&settings.health_socket)?;
+    tracker.spawn(crate::health::serve(health, shared.clone(), cancel.clone()));
+
+    let signals = spawn_signals(&daemon)?;
+    tracker.spawn(signals);
+    spawn_config_watch(&daemon, &settings.config_path);
+
+    let syncer = tokio::task::spawn_blocking({
+        let shared = shared.clone();
+        let settings = settings.clone();
+        move || Syncer::new(settings, shared)
+    })
+    .await?;
+    {
+        let notify = notify.clone();
+        let cancel = cancel.clone();
+        let shared = shared.clone();
+        tracker.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(READY_TIMEOUT) => {
+                    let summary = shared.snapshot().summary;
+                    tracing::warn!("first sync not done after {READY_TIMEOUT:?}; reporting ready with cached keys");
+                    notify.ready(&summary);
+                }
+                _ = cancel.cancelled() => {}
+            }
+        });
+    }
+    let writer = tracker.spawn(writer_loop(daemon, syncer, events_rx));
+    tracker.close();
+    tracing::info!(config = %settings.config_path.display(), sources = settings.sources.len(), users = settings.users.len(), "keysync started");
+
+    cancel.cancelled().await;
+    notify.stopping();
+    tracing::info!("stopping");
+    if tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.is_err() {
+        tracing::warn!("tasks did not stop within 5 s");
+    }
+    drop(writer);
+    crate::health::cleanup(&settings.health_socket);
+    Ok(())
+}
+
+fn spawn_signals(daemon: &Daemon) -> anyhow::Result<impl std::future::Future<Output = ()> + use<>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let cancel = daemon.cancel.clone();
+    let events = daemon.events.clone();
+    Ok(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM"); cancel.cancel(); return; }
+                _ = int.recv() => { tracing::info!("SIGINT"); cancel.cancel(); return; }
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading config");
+                    let _ = events.send(Event::Reload).await;
+                }
+                _ = cancel.cancelled() => return,
+            }
+        }
+    })
+}
+
+/// Watches the config directory (the main file and `config.d/`, which may
+/// appear later) and asks for a reload on changes, debounced.
+fn spawn_config_watch(daemon: &Daemon, main: &Path) {
+    let dir = main.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let dropins = config::dropin_dir(main);
+    let main_name = main.file_name().map(|n| n.to_os_string());
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let watcher = crate::watch::Watcher::new(move |path: &Path| {
+        let relevant = path.starts_with(&dropins)
+            || path.file_name().map(|n| n.to_os_string()) == main_name
+            || path.file_name().is_some_and(|n| n == "config.d");
+        if relevant {
+            let _ = tx.send(());
+        }
+    });
+    let mut watcher = match watcher {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the config directory; reload with SIGHUP");
+            return;
+        }
+    };
+    watcher.watch(&dir);
+    watcher.watch(&config::dropin_dir(main));
+    let events = daemon.events.clone();
+    let cancel = daemon.cancel.clone();
+    let main = main.to_path_buf();
+    daemon.tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                got = rx.recv() => {
+                    if got.is_none() { return; }
+                    // Debounce an editor's burst of writes.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    while rx.try_recv().is_ok() {}
+                    watcher.watch(&config::dropin_dir(&main));
+                    if events.send(Event::Reload).await.is_err() { return; }
+                }
+            }
+        }
+    });
+}
+
+/// A running fetch loop and its controls.
+struct SourceTask {
+    nudge: mpsc::Sender<()>,
+    cancel: CancellationToken,
+}
+
+fn spawn_sources(daemon: &Daemon, syncer: &Syncer) -> HashMap<String, SourceTask> {
+    let settings = syncer.settings();
+    let mut tasks = HashMap::new();
+    for (name, src) in &settings.sources {
+        let (nudge, nudge_rx) = mpsc::channel(1);
+        let cancel = daemon.cancel.child_token();
+        let etag = syncer.engine.last_good(name).and_then(|g| g.etag.clone());
+        let stream_up = Arc::new(AtomicBool::new(false));
+        if src.subscribe_url.is_some() {
+            daemon.tracker.spawn(crate::subscribe::run(
+                src.clone(),
+                nudge.clone(),
+                stream_up.clone(),
+                daemon.shared.clone(),
+                cancel.clone(),
+            ));
+        }
+        if let config::SourceKind::File { path } = &src.kind {
+            spawn_file_watch(daemon, path, nudge.clone(), cancel.clone());
+        }
+        daemon.tracker.spawn(source_loop(
+            src.clone(),
+            settings.policy.keys.clone(),
+            etag,
+            daemon.events.clone(),
+            nudge_rx,
+            stream_up,
+            cancel.clone(),
+        ));
+        tasks.insert(name.clone(), SourceTask { nudge, cancel });
+    }
+    tasks
+}
+
+/// A file source is re-read as soon as its directory watch sees a change.
+fn spawn_file_watch(daemon: &Daemon, path: &Path, nudge: mpsc::Sender<()>, cancel: CancellationToken) {
+    let target = path.to_path_buf();
+    let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let watcher = crate::watch::Watcher::new(move |changed: &Path| {
+        if changed == target {
+            let _ = nudge.try_send(());
+        }
+    });
+    match watcher {
+        Ok(mut w) => {
+            w.watch(&dir);
+            daemon.tracker.spawn(async move {
+                cancel.cancelled().await;
+                drop(w);
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot watch key file; it is polled"),
+    }
+}
+
+/// Full-jitter backoff: uniform in [0, min(max_backoff, interval·2^failures)],
+/// never before the server's Retry-After.
+pub fn backoff(settings: &SourceSettings, failures: u32, retry_after: Option<Duration>) -> Duration {
+    let cap = settings
+        .interval
+        .saturating_mul(2u32.saturating_pow(failures.min(30)))
+        .min(settings.max_backoff.max(settings.interval));
+    let jittered = cap.mul_f64(fastrand::f64());
+    jittered.max(retry_after.unwrap_or(Duration::ZERO))
+}
+
+/// The next poll: `base` ± uniform jitter, never under a tenth of `base`.
+pub fn jittered(base: Duration, jitter: Duration) -> Duration {
+    if jitter.is_zero() {
+        return base;
+    }
+    let offset = jitter.mul_f64(fastrand::f64() * 2.0);
+    (base + offset).saturating_sub(jitter).max(base / 10)
+}
+
+async fn source_loop(
+    settings: SourceSettings,
+    policy: Policy,
+    etag: Option<String>,
+    events: mpsc::Sender<Event>,
+    mut nudge: mpsc::Receiver<()>,
+    stream_up: Arc<AtomicBool>,
+    cancel: CancellationToken,
+) {
+    let name = settings.name.clone();
+    let mut source: Option<Box<dyn KeySource>> = None;
+    let mut etag = etag;
+    let mut failures = 0u32;
+    // The first fetch after start is immediate.
+    let mut delay = Duration::ZERO;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+            Some(()) = nudge.recv() => {}
+        }
+        if source.is_none() {
+            match source::build(&settings, etag.take()) {
+                Ok(s) => source = Some(s),
+                Err(e) => {
+                    let report = FetchReport {
+                        source: name.clone(),
+                        fetched: Fetched::Failed { error: e.chain(), retry_after: None },
+                        at: SystemTime::now(),
+                        took: Duration::ZERO,
+                    };
+                    failures = failures.saturating_add(1);
+                    delay = backoff(&settings, failures, None);
+                    if events.send(Event::Fetched(report)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        let Some(src) = source.as_mut() else { continue };
+        let report = tokio::select! {
+            _ = cancel.cancelled() => return,
+            report = fetch(&name, src.as_mut(), &policy) => report,
+        };
+        delay = match &report.fetched {
+            Fetched::Failed { retry_after, .. } => {
+                failures = failures.saturating_add(1);
+                backoff(&settings, failures, *retry_after)
+            }
+            _ => {
+                failures = 0;
+                let base = if stream_up.load(Ordering::Relaxed) { settings.resync } else { settings.interval };
+                jittered(base, settings.jitter)
+            }
+        };
+        if events.send(Event::Fetched(report)).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn writer_loop(daemon: Daemon, syncer: Syncer, mut events: mpsc::Receiver<Event>) {
+    let mut syncer = Some(syncer);
+    let Some(s) = syncer.as_ref() else { return };
+    let mut sources = spawn_sources(&daemon, s);
+    let mut pending_first: HashSet<String> = s.settings().sources.keys().cloned().collect();
+    let mut drift = DriftWatch::new(daemon.events.clone());
+    drift.update(s.watched_dirs());
+    let watchdog_every = daemon.notify.watchdog_interval();
+    let mut watchdog = tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // max_stale is checked periodically; without it this tick only refreshes STATUS=.
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_status = String::new();
+
+    // Runs blocking work on the syncer off the async threads.
+    async fn with_syncer<R: Send + 'static>(
+        slot: &mut Option<Syncer>,
+        f: impl FnOnce(&mut Syncer) -> R + Send + 'static,
+    ) -> Option<R> {
+        let mut s = slot.take()?;
+        match tokio::task::spawn_blocking(move || {
+            let r = f(&mut s);
+            (s, r)
+        })
+        .await
+        {
+            Ok((s, r)) => {
+                *slot = Some(s);
+                Some(r)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "writer task panicked");
+                None
+            }
+        }
+    }
+
+    loop {
+        let event = tokio::select! {
+            _ = daemon.cancel.cancelled() => break,
+            _ = watchdog.tick() => {
+                if watchdog_every.is_some() {
+                    daemon.notify.watchdog();
+                }
+                continue;
+            }
+            _ = tick.tick() => None,
+            ev = events.recv() => match ev {
+                Some(ev) => Some(ev),
+                None => break,
+            },
+        };
+        let now = Instant::now();
+        let outcomes: Vec<(String, SyncOutcome)> = match event {
+            None => {
+                // Periodic: staleness (fail closed) needs no fetch to act.
+                if syncer.as_ref().is_some_and(Syncer::has_max_stale) {
+                    with_syncer(&mut syncer, move |s| s.sync_all(now)).await.unwrap_or_default()
+                } else {
+                    Vec::new()
+                }
+            }
+            Some(Event::Fetched(report)) => {
+                pending_first.remove(&report.source);
+                with_syncer(&mut syncer, move |s| {
+                    let users = s.on_fetch(&report, now);
+                    users.into_iter().map(|u| {
+                        let o = s.sync_user(&u, now);
+                        (u, o)
+                    }).collect()
+                })
+                .await
+                .unwrap_or_default()
+            }
+            Some(Event::Drift(user)) => {
+                with_syncer(&mut syncer, move |s| {
+                    let o = s.sync_user(&user, now);
+                    if o.wrote_home {
+                        tracing::info!(user = %user, "another writer changed the file; managed block re-asserted");
+                        s.count_drift_repair(&user);
+                    }
+                    vec![(user, o)]
+                })
+                .await
+                .unwrap_or_default()
+            }
+            Some(Event::Reload) => {
+                let path = syncer.as_ref().map(|s| s.settings().config_path.clone()).unwrap_or_default();
+                let loaded = tokio::task::spawn_blocking(move || config::load(&path)).await;
+                match loaded {
+                    Ok(Ok(new)) => {
+                        for (_, task) in sources.drain() {
+                            task.cancel.cancel();
+                        }
+                        let outcomes = with_syncer(&mut syncer, move |s| {
+                            s.reconfigure(new);
+                            s.sync_all(now)
+                        })
+                        .await
+                        .unwrap_or_default();
+                        if let Some(s) = syncer.as_ref() {
+                            sources = spawn_sources(&daemon, s);
+                            drift.update(s.watched_dirs());
+                            tracing::info!("config reloaded");
+                        }
+                        outcomes
+                    }
+                    Ok(Err(e)) => {
+                        let message = e.to_string();
+                        tracing::error!(error = %message, "config reload failed; the running config stays");
+                        if let Some(s) = syncer.as_ref() {
+                            s.reload_failed(message);
+                        }
+                        Vec::new()
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "config reload panicked");
+                        Vec::new()
+                    }
+                }
+            }
+        };
+        for (_, outcome) in &outcomes {
+            if let Some((at, srcs)) = &outcome.confirm {
+                for name in srcs {
+                    if let Some(task) = sources.get(name) {
+                        let nudge = task.nudge.clone();
+                        let at = *at;
+                        let cancel = task.cancel.clone();
+                        daemon.tracker.spawn(async move {
+                            tokio::select! {
+                                _ = tokio::time::sleep_until(at.into()) => { let _ = nudge.try_send(()); }
+                                _ = cancel.cancelled() => {}
+                            }
+                        });
+                    }
+                }
+            }
+        }
+        if outcomes.iter().any(|(_, o)| o.wrote_home)
+            && let Some(s) = syncer.as_ref()
+        {
+            drift.update(s.watched_dirs());
+        }
+        let summary = daemon.shared.snapshot().summary;
+        if pending_first.is_empty() {
+            daemon.notify.ready(&summary);
+        }
+        if summary != last_status {
+            daemon.notify.status(&summary);
+            last_status = summary;
+        }
+    }
+    for (_, task) in sources {
+        task.cancel.cancel();
+    }
+}
+
+/// Watches the directories of the users' files and turns changes into
+/// [`Event::Drift`], debounced per user. The agent's own writes show up too;
+/// they find the file already right and write nothing, so no loop starts.
+struct DriftWatch {
+    map: Arc<std::sync::Mutex<HashMap<PathBuf, String>>>,
+    watcher: Option<crate::watch::Watcher>,
+    watched: HashSet<PathBuf>,
+}
+
+impl DriftWatch {
+    fn new(events: mpsc::Sender<Event>) -> Self {
+        let map: Arc<std::sync::Mutex<HashMap<PathBuf, String>>> = Arc::default();
+        let lookup = map.clone();
+        let last: std::sync::Mutex<HashMap<String, Instant>> = std::sync::Mutex::default();
+        let watcher = crate::watch::Watcher::new(move |path: &Path| {
+            let Some(dir) = path.parent() else { return };
+            // Our own temp files come and go on every write; ignore them.
+            if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".keysync.")) {
+                return;
+            }
+            let user = lookup.lock().unwrap_or_else(|p| p.into_inner()).get(dir).cloned();
+            if let Some(user) = user {
+                let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+                let now = Instant::now();
+                // Debounce: at most one repair request per user per 50 ms; a
+                // missed event is harmless because polls re-assert anyway.
+                if last.get(&user).is_none_or(|t| now.duration_since(*t) > Duration::from_millis(50)) {
+                    last.insert(user.clone(), now);
+                    let events = events.clone();
+                    let _ = events.try_send(Event::Drift(user));
+                }
+            }
+        });
+        let watcher = match watcher {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "no directory watch; drift is repaired at the next poll");
+                None
+            }
+        };
+        DriftWatch {
+            map,
+            watcher,
+            watched: HashSet::new(),
+        }
+    }
+
+    fn update(&mut self, dirs: Vec<(PathBuf, String)>) {
+        let Some(watcher) = self.watcher.as_mut() else { return };
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.clear();
+        for (dir, user) in dirs {
+            if !self.watched.contains(&dir) && watcher.watch(&dir) {
+                self.watched.insert(dir.clone());
+            }
+            map.insert(dir, user);
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! `keysync run [--config PATH] [--once]`.
+
+use std::path::Path;
+
+use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
+use crate::logging::{self, LogFormat};
+
+pub fn main(config: &Path, once: bool, log_format: LogFormat) -> u8 {
+    logging::init(log_format);
+    let settings = match crate::config::load(config) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("keysync: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keysync: cannot start the runtime: {e}");
+            return EXIT_FAILED;
+        }
+    };
+    if once {
+        let ok = runtime.block_on(crate::agent::run_once(settings));
+        return if ok { EXIT_OK } else { EXIT_FAILED };
+    }
+    match runtime.block_on(crate::agent::run(settings)) {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("keysync: {e:#}");
+            EXIT_FAILED
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! Standard HTTP for the sources: the client (rustls, timeouts, same-origin
+//! redirects only), the conditional GET with a body limit, and the `http`
+//! source kind (a URL whose body is in authorized_keys format, such as a
+//! GitHub `.keys` URL).
+
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use reqwest::{Client, StatusCode, Url};
+
+use super::{Answer, FetchFuture, KeySource, SourceError};
+use crate::config::SourceSettings;
+
+/// The User-Agent every request carries.
+pub fn user_agent() -> String {
+    format!("keysync/{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Builds the client for one source. Redirects are followed only within the
+/// same origin (at most 5), so credentials never reach another host.
+pub fn client(settings: &SourceSettings) -> Result<Client, SourceError> {
+    let mut builder = Client::builder()
+        .use_rustls_tls()
+        .user_agent(user_agent())
+        .timeout(settings.timeout)
+        .connect_timeout(settings.timeout.min(Duration::from_secs(10)))
+        .redirect(reqwest::redirect::Policy::custom(|attempt| {
+            let first = attempt.previous().first().cloned();
+            if attempt.previous().len() > 5 {
+                attempt.error("more than 5 redirects")
+            } else if first.is_some_and(|f| f.origin() != attempt.url().origin()) {
+                attempt.error("redirect to another origin refused")
+            } else {
+                attempt.follow()
+            }
+        }));
+    if let Some(ca) = &settings.ca_file {
+        let pem = std::fs::read(ca).map_err(|e| SourceError::Rejected {
+            what: format!("cannot read ca_file {}", ca.display()),
+            source: Some(Box::new(e)),
+        })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| SourceError::Rejected {
+            what: format!("bad ca_file {}", ca.display()),
+            source: Some(Box::new(e)),
+        })?;
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build().map_err(|e| SourceError::Rejected {
+        what: "cannot build HTTP client".into(),
+        source: Some(Box::new(e)),
+    })
+}
+
+/// A response whose body was read within the limit.
+#[derive(Debug)]
+pub struct Response {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+/// GETs `url` with `If-None-Match` when an ETag is known, reading at most
+/// `max_body` bytes. Transport failures are transient.
+pub async fn get(
+    client: &Client,
+    url: &Url,
+    headers: HeaderMap,
+    etag: Option<&str>,
+    max_body: u64,
+) -> Result<Response, SourceError> {
+    let mut request = client.get(url.clone()).headers(headers);
+    if let Some(etag) = etag
+        && let Ok(value) = HeaderValue::from_str(etag)
+    {
+        request = request.header(header::IF_NONE_MATCH, value);
+    }
+    let mut response = request.send().await.map_err(transport)?;
+    let status = response.status();
+    let headers = response.headers().clone();
+    if response.content_length().is_some_and(|len| len > max_body) {
+        return Err(too_large(max_body, retry_after(&headers)));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(transport)? {
+        if body.len() as u64 + chunk.len() as u64 > max_body {
+            return Err(too_large(max_body, retry_after(&headers)));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Response { status, headers, body })
+}
+
+fn too_large(max_body: u64, retry_after: Option<Duration>) -> SourceError {
+    SourceError::Transient {
+        what: format!("response body over max_body ({max_body} bytes)"),
+        retry_after,
+        source: None,
+    }
+}
+
+fn transport(e: reqwest::Error) -> SourceError {
+    let what = if e.is_timeout() {
+        "request timed out"
+    } else if e.is_connect() {
+        "cannot connect"
+    } else if e.is_redirect() {
+        "redirect refused"
+    } else if e.is_body() || e.is_decode() {
+        "broken response body"
+    } else {
+        "request failed"
+    };
+    SourceError::Transient {
+        what: what.to_string(),
+        retry_after: None,
+        source: Some(Box::new(e.without_url())),
+    }
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(when.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+}
+
+/// The strong or weak ETag of a response, if any.
+pub fn etag(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 1024)
+        .map(str::to_string)
+}
+
+/// The status rules shared by the HTTP kinds (DESIGN.md §5): 429 and 5xx are
+/// transient (honouring Retry-After), 401 and 403 rejected. Returns None for
+/// statuses the caller handles itself (2xx, 304, 404).
+pub fn classify(response: &Response) -> Option<SourceError> {
+    let status = response.status;
+    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+        return Some(SourceError::Transient {
+            what: format!("server answered {status}"),
+            retry_after: retry_after(&response.headers),
+            source: None,
+        });
+    }
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        return Some(SourceError::rejected(format!(
+            "server answered {status}: check the API key and its scope"
+        )));
+    }
+    if status.is_success() || status == StatusCode::NOT_MODIFIED || status == StatusCode::NOT_FOUND {
+        return None;
+    }
+    if status.is_client_error() {
+        return Some(SourceError::rejected(format!("server answered {status}")));
+    }
+    Some(SourceError::transient(format!("unexpected status {status}")))
+}
+
+/// Parses a configured URL (validated at config load).
+pub fn parse_url(url: &str) -> Result<Url, SourceError> {
+    Url::parse(url).map_err(|e| SourceError::Rejected {
+        what: format!("bad url {}", crate::config::redact_url(url)),
+        source: Some(Box::new(e)),
+    })
+}
+
+/// The `http` kind: a body in authorized_keys format.
+pub struct HttpSource {
+    client: Client,
+    url: Url,
+    etag: Option<String>,
+    max_body: u64,
+}
+
+impl HttpSource {
+    pub fn new(settings: &SourceSettings, url: &str, etag: Option<String>) -> Result<Self, SourceError> {
+        Ok(HttpSource {
+            client: client(settings)?,
+            url: parse_url(url)?,
+            etag,
+            max_body: settings.max_body,
+        })
+    }
+
+    async fn fetch_once(&mut self) -> Result<Answer, SourceError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT, HeaderValue::from_static("text/plain, */*"));
+        let response = get(&self.client, &self.url, headers, self.etag.as_deref(), self.max_body).await?;
+        if let Some(err) = classify(&response) {
+            return Err(err);
+        }
+        match response.status {
+            StatusCode::NOT_MODIFIED => Ok(Answer::Unchanged),
+            StatusCode::NOT_FOUND => Err(SourceError::rejected("server answered 404 Not Found")),
+            s if s.is_success() => {
+                let text = std::str::from_utf8(&response.body)
+                    .map_err(|_| SourceError::transient("body is not valid UTF-8"))?;
+                let etag = etag(&response.headers);
+                self.etag.clone_from(&etag);
+                Ok(Answer::List {
+                    entries: authorized_keys_entries(text),
+                    etag,
+                })
+            }
+            s => Err(SourceError::transient(format!("unexpected status {s}"))),
+        }
+    }
+}
+
+/// The entries of a body in authorized_keys format: every line that is not
+/// blank or a `#` comment.
+pub fn authorized_keys_entries(text: &str) -> Vec<String> {
+    text.split('\n')
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| {
+            let t = l.trim();
+            !t.is_empty() && !t.starts_with('#')
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+impl KeySource for HttpSource {
+    fn fetch(&mut self) -> FetchFuture<'_> {
+        Box::pin(self.fetch_once())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let mut h = HeaderMap::new();
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("120"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(120)));
+        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(30));
+        h.insert(header::RETRY_AFTER, HeaderValue::from_str(&later).unwrap());
+        let d = retry_after(&h).unwrap();
+        assert!(d <= Duration::from_secs(30) && d >= Duration::from_secs(25), "{d:?}");
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn entries_skip_comments_and_blank_lines() {
+        assert_eq!(authorized_keys_entries("# c\n\nssh-ed25519 A b\r\n  \n"), ["ssh-ed25519 A b"]);
+    }
+}

@@ -1,0 +1,251 @@
+//! What the agent keeps in `state_dir` (DESIGN.md §2, §4):
+//!
+//! - `sources/<name>.json`: each source's last good answer (keys, ETag, time),
+//!   so a restart without network serves the last good keys. Root only, 0600.
+//! - `users/<user>.keys`: the per-user cache the `authorized-keys` hook
+//!   prints, in authorized_keys format, 0640, group `keysync` when it exists.
+//!
+//! Persisted keys are validated again on load with the current policy, so a
+//! tampered or older state file cannot bring in a key the policy refuses.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nix::unistd::{Gid, Group, Uid};
+use serde::{Deserialize, Serialize};
+
+use crate::keys::{KeySet, Policy, parse_entries};
+use crate::write::{self, FileSpec, Outcome, WriteError};
+
+/// Name of the group that may read the caches (the AuthorizedKeysCommandUser).
+pub const GROUP: &str = "keysync";
+
+/// A source's last good answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LastGood {
+    pub keys: KeySet,
+    pub etag: Option<String>,
+    /// When the answer that established these keys (or confirmed them with a 304) arrived.
+    pub fetched_at: SystemTime,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Record {
+    version: u32,
+    fetched_at_unix_ms: u64,
+    #[serde(default)]
+    etag: Option<String>,
+    keys: Vec<String>,
+}
+
+/// The state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+    group: Option<Gid>,
+}
+
+impl StateDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        let group = Group::from_name(GROUP).ok().flatten().map(|g| g.gid);
+        StateDir {
+            root: root.into(),
+            group,
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Creates the directory (0750, group keysync when it exists) if missing.
+    pub fn ensure(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        if !self.root.is_dir() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(&self.root)?;
+            std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o750))?;
+            if let Some(gid) = self.group
+                && nix::unistd::geteuid().is_root()
+            {
+                nix::unistd::chown(&self.root, None, Some(gid)).map_err(std::io::Error::from)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn source_path(&self, name: &str) -> PathBuf {
+        self.root.join("sources").join(format!("{}.json", file_safe(name)))
+    }
+
+    pub fn cache_path(&self, user: &str) -> PathBuf {
+        cache_path(&self.root, user)
+    }
+
+    /// Loads a source's last good answer; None when there is none or it is
+    /// unreadable (logged).
+    pub fn load_source(&self, name: &str, policy: &Policy) -> Option<LastGood> {
+        let path = self.source_path(name);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read last good state");
+                return None;
+            }
+        };
+        let record: Record = match serde_json::from_slice(&bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring corrupt last good state");
+                return None;
+            }
+        };
+        let (keys, rejected) = parse_entries(record.keys.iter().map(String::as_str), policy);
+        for r in rejected {
+            tracing::warn!(source = name, %r, "persisted key no longer passes the policy");
+        }
+        Some(LastGood {
+            keys,
+            etag: record.etag,
+            fetched_at: UNIX_EPOCH + Duration::from_millis(record.fetched_at_unix_ms),
+        })
+    }
+
+    /// Persists a source's last good answer atomically.
+    pub fn save_source(&self, name: &str, good: &LastGood) -> Result<Outcome, WriteError> {
+        let record = Record {
+            version: 1,
+            fetched_at_unix_ms: good
+                .fetched_at
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            etag: good.etag.clone(),
+            keys: good.keys.keys().iter().map(|k| k.line(None)).collect(),
+        };
+        // Serializing plain strings and numbers cannot fail.
+        let bytes = serde_json::to_vec_pretty(&record).unwrap_or_default();
+        let spec = FileSpec {
+            path: self.source_path(name),
+            base: self.root.clone(),
+            owner: Some((Uid::from_raw(0), Gid::from_raw(0))),
+            act_as: None,
+            file_mode: 0o600,
+            dir_mode: 0o700,
+        };
+        write::apply(&spec, &mut |_| Some(bytes.clone()))
+    }
+
+    /// Writes a user's cache (the hook's answer).
+    pub fn save_cache(&self, user: &str, content: &[u8]) -> Result<Outcome, WriteError> {
+        let spec = FileSpec {
+            path: self.cache_path(user),
+            base: self.root.clone(),
+            owner: Some((Uid::from_raw(0), self.group.unwrap_or(Gid::from_raw(0)))),
+            act_as: None,
+            file_mode: 0o640,
+            dir_mode: 0o750,
+        };
+        write::apply(&spec, &mut |_| Some(content.to_vec()))
+    }
+
+    /// Removes the cache of a user no longer configured.
+    pub fn remove_cache(&self, user: &str) -> Result<Outcome, WriteError> {
+        let spec = FileSpec {
+            path: self.cache_path(user),
+            base: self.root.clone(),
+            owner: None,
+            act_as: None,
+            file_mode: 0o640,
+            dir_mode: 0o750,
+        };
+        write::apply(&spec, &mut |_| None)
+    }
+
+    /// Reads a user's cache back (what the agent last wrote for the user).
+    pub fn load_cache(&self, user: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.cache_path(user)).ok()
+    }
+
+    /// Names of users that have a cache file.
+    pub fn cached_users(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(self.root.join("users")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter_map(|n| n.strip_suffix(".keys").map(str::to_string))
+            .filter(|n| !n.starts_with('.'))
+            .collect()
+    }
+}
+
+/// The cache file of a user under a state dir (also used by the hook, which
+/// must not do any other work).
+pub fn cache_path(state_dir: &Path, user: &str) -> PathBuf {
+    state_dir.join("users").join(format!("{}.keys", file_safe(user)))
+}
+
+/// Names come from the config (validated) or sshd's `%u`; never let one
+/// leave its directory.
+fn file_safe(name: &str) -> String {
+    name.replace(['/', '\0'], "_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::parse_entries;
+
+    const ALICE: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIN7rZ17cV9ag1ih2ph/mjt/dQyeQsJHFDMID9ZaAPkRi alice@laptop";
+
+    #[test]
+    fn last_good_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path().join("state"));
+        state.ensure().unwrap();
+        let (keys, _) = parse_entries([ALICE], &Policy::default());
+        let good = LastGood {
+            keys,
+            etag: Some("\"v1\"".into()),
+            fetched_at: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+        };
+        assert_eq!(state.save_source("account", &good).unwrap(), Outcome::Written);
+        assert_eq!(state.save_source("account", &good).unwrap(), Outcome::Unchanged);
+        assert_eq!(state.load_source("account", &Policy::default()), Some(good));
+        assert_eq!(state.load_source("other", &Policy::default()), None);
+    }
+
+    #[test]
+    fn corrupt_or_tampered_state_is_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        std::fs::create_dir_all(dir.path().join("sources")).unwrap();
+        std::fs::write(state.source_path("a"), b"{not json").unwrap();
+        assert_eq!(state.load_source("a", &Policy::default()), None);
+        let tampered = format!(
+            r#"{{"version":1,"fetched_at_unix_ms":0,"keys":["{ALICE}","command=\"sh\" {ALICE}"]}}"#
+        );
+        std::fs::write(state.source_path("a"), tampered).unwrap();
+        let good = state.load_source("a", &Policy::default()).unwrap();
+        assert_eq!(good.keys.len(), 1);
+        assert!(good.keys.keys()[0].options.is_none());
+    }
+
+    #[test]
+    fn cache_is_0640_and_listed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        state.save_cache("alice", b"x\n").unwrap();
+        let meta = std::fs::metadata(state.cache_path("alice")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o640);
+        assert_eq!(state.cached_users(), ["alice"]);
+        assert_eq!(state.load_cache("alice").unwrap(), b"x\n");
+        assert_eq!(cache_path(dir.path(), "../etc/passwd"), dir.path().join("users/.._etc_passwd.keys"));
+    }
+}
