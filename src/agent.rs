@@ -435,29 +435,32 @@ impl Syncer {
         let before = self.engine.applied(user).unwrap_or(&empty);
         let old: HashSet<(&str, &str)> = before.keys().iter().map(|k| k.id()).collect();
         let new: HashSet<(&str, &str)> = keys.keys().iter().map(|k| k.id()).collect();
-        for key in keys.keys().iter().filter(|k| !old.contains(&k.id())) {
-            let source = self.source_of(user, key);
-            tracing::info!(user, source, fingerprint = %key.fingerprint, comment = %key.comment, "key added");
+        let mut added = keys.keys().iter().filter(|k| !old.contains(&k.id())).peekable();
+        if added.peek().is_some() {
+            // Which sources name each key: one pass over each source's list.
+            let mut sources_of: HashMap<(&str, &str), Vec<&str>> = HashMap::new();
+            let names = self
+                .settings
+                .users
+                .iter()
+                .find(|u| u.name == user)
+                .map(|u| u.sources.as_slice())
+                .unwrap_or_default();
+            for name in names {
+                if let Some(good) = self.engine.last_good(name) {
+                    for k in good.keys.keys() {
+                        sources_of.entry(k.id()).or_default().push(name);
+                    }
+                }
+            }
+            for key in added {
+                let source = sources_of.get(&key.id()).map(|s| s.join(",")).unwrap_or_default();
+                tracing::info!(user, source, fingerprint = %key.fingerprint, comment = %key.comment, "key added");
+            }
         }
         for key in before.keys().iter().filter(|k| !new.contains(&k.id())) {
             tracing::info!(user, fingerprint = %key.fingerprint, comment = %key.comment, "key removed");
         }
-    }
-
-    fn source_of(&self, user: &str, key: &keys::Key) -> String {
-        let Some(u) = self.settings.users.iter().find(|u| u.name == user) else {
-            return String::new();
-        };
-        u.sources
-            .iter()
-            .filter(|s| {
-                self.engine
-                    .last_good(s)
-                    .is_some_and(|g| g.keys.keys().iter().any(|k| k.id() == key.id()))
-            })
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(",")
     }
 
     /// Records a drift repair (another writer changed the file).
@@ -470,18 +473,17 @@ impl Syncer {
         self.shared.lock().users.entry(user.to_string()).or_default().drift_repairs += 1;
     }
 
-    /// The directories holding each user's home file, for the drift watch.
-    pub fn watched_dirs(&self) -> Vec<(PathBuf, String)> {
-        let mut dirs = Vec::new();
+    /// Each user's home file, for the drift watch.
+    pub fn watched_files(&self) -> Vec<(PathBuf, String)> {
+        let mut files = Vec::new();
         for user in &self.settings.users {
             if let Ok(account) = users::lookup(&user.name)
                 && let Some(spec) = users::home_file_spec(user, &account)
-                && let Some(parent) = spec.path.parent()
             {
-                dirs.push((parent.to_path_buf(), user.name.clone()));
+                files.push((spec.path, user.name.clone()));
             }
         }
-        dirs
+        files
     }
 
     /// Users due a fail-closed removal (`max_stale`) or any other time-based change.
@@ -561,6 +563,10 @@ pub enum Event {
     Drift(String),
     /// SIGHUP or a config file change.
     Reload,
+    /// Test hook: the writer makes no progress for this long, as when it is
+    /// stuck in a write; shows that the watchdog and `/healthz` notice.
+    #[cfg(test)]
+    Stall(Duration),
 }
 
 /// Handles shared by the daemon's tasks.
@@ -572,25 +578,66 @@ struct Daemon {
     notify: crate::agent::Notifier,
 }
 
-/// systemd notifications; silent without `NOTIFY_SOCKET`.
+/// systemd notifications (sd_notify(3)); silent without `NOTIFY_SOCKET`,
+/// as in a container.
+///
+/// The socket address and the watchdog period are read once, when the
+/// notifier is made, so a test can aim one at its own datagram socket
+/// without touching the process environment. That is also why the datagram
+/// is sent here rather than by the sd-notify crate, which only ever sends to
+/// `$NOTIFY_SOCKET` as it is at each call. Sends never block: a full socket
+/// buffer drops the message (the next one carries the current state anyway).
 #[derive(Clone)]
 pub struct Notifier {
-    enabled: bool,
+    target: Option<Arc<NotifyTarget>>,
+    watchdog: Option<Duration>,
     ready: Arc<AtomicBool>,
 }
 
+struct NotifyTarget {
+    socket: std::os::unix::net::UnixDatagram,
+    addr: std::os::unix::net::SocketAddr,
+}
+
 impl Notifier {
+    /// From systemd's environment: `NOTIFY_SOCKET`, and `WATCHDOG_USEC` when
+    /// `WATCHDOG_PID` is unset or names this process.
     pub fn from_env() -> Self {
+        let socket = std::env::var_os("NOTIFY_SOCKET");
+        let watchdog = std::env::var("WATCHDOG_USEC")
+            .ok()
+            .and_then(|usec| usec.parse::<u64>().ok())
+            .filter(|usec| *usec > 0)
+            .filter(|_| {
+                std::env::var("WATCHDOG_PID")
+                    .map_or(true, |pid| pid.parse::<u32>().ok() == Some(std::process::id()))
+            })
+            .map(Duration::from_micros);
+        Self::new(socket.as_deref(), watchdog)
+    }
+
+    /// Sends to `address`: a socket path, or `@name` for an abstract socket.
+    /// `watchdog` is systemd's watchdog timeout (`WATCHDOG_USEC`).
+    pub fn new(address: Option<&std::ffi::OsStr>, watchdog: Option<Duration>) -> Self {
+        let target = address.filter(|a| !a.is_empty()).and_then(|address| {
+            match NotifyTarget::open(address) {
+                Ok(t) => Some(Arc::new(t)),
+                Err(e) => {
+                    tracing::warn!(socket = ?address, error = %e, "cannot use NOTIFY_SOCKET; not notifying systemd");
+                    None
+                }
+            }
+        });
         Notifier {
-            enabled: std::env::var_os("NOTIFY_SOCKET").is_some(),
+            watchdog: watchdog.filter(|_| target.is_some()),
+            target,
             ready: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    fn send(&self, states: &[sd_notify::NotifyState<'_>]) {
-        if self.enabled
-            && let Err(e) = sd_notify::notify(false, states)
-        {
+    fn send(&self, message: &str) {
+        let Some(target) = &self.target else { return };
+        if let Err(e) = target.socket.send_to_addr(message.as_bytes(), &target.addr) {
             tracing::debug!(error = %e, "sd_notify failed");
         }
     }
@@ -598,35 +645,47 @@ impl Notifier {
     /// READY=1, once.
     pub fn ready(&self, status: &str) {
         if !self.ready.swap(true, Ordering::SeqCst) {
-            self.send(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(status)]);
+            self.send(&format!("READY=1\nSTATUS={}\n", one_line(status)));
         }
     }
 
     pub fn status(&self, status: &str) {
-        self.send(&[sd_notify::NotifyState::Status(status)]);
+        self.send(&format!("STATUS={}\n", one_line(status)));
     }
 
     pub fn watchdog(&self) {
-        self.send(&[sd_notify::NotifyState::Watchdog]);
+        self.send("WATCHDOG=1\n");
     }
 
     pub fn stopping(&self) {
-        self.send(&[sd_notify::NotifyState::Stopping]);
+        self.send("STOPPING=1\n");
     }
 
     /// Half of `WATCHDOG_USEC`, when the service manager asked for pings.
     pub fn watchdog_interval(&self) -> Option<Duration> {
-        if !self.enabled {
-            return None;
-        }
-        let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
-        if let Ok(pid) = std::env::var("WATCHDOG_PID")
-            && pid.parse::<u32>().ok() != Some(std::process::id())
-        {
-            return None;
-        }
-        (usec > 0).then(|| Duration::from_micros(usec / 2))
+        self.watchdog.map(|w| w / 2)
     }
+}
+
+impl NotifyTarget {
+    fn open(address: &std::ffi::OsStr) -> std::io::Result<Self> {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::net::{SocketAddr, UnixDatagram};
+        let bytes = address.as_bytes();
+        let addr = match bytes.strip_prefix(b"@") {
+            Some(name) => SocketAddr::from_abstract_name(name)?,
+            None => SocketAddr::from_pathname(address)?,
+        };
+        let socket = UnixDatagram::unbound()?;
+        socket.set_nonblocking(true)?;
+        Ok(NotifyTarget { socket, addr })
+    }
+}
+
+/// A notification is newline-separated `KEY=value` lines.
+fn one_line(text: &str) -> String {
+    text.replace(['\n', '\r'], " ")
 }
 
 /// How long start-up waits for the first sync before READY=1 regardless, so
@@ -906,15 +965,21 @@ async fn writer_loop(daemon: Daemon, syncer: Syncer, mut events: mpsc::Receiver<
     let Some(s) = syncer.as_ref() else { return };
     let mut sources = spawn_sources(&daemon, s);
     let mut pending_first: HashSet<String> = s.settings().sources.keys().cloned().collect();
-    let mut drift = DriftWatch::new(daemon.events.clone());
-    drift.update(s.watched_dirs());
+    let mut drift = DriftWatch::new(daemon.events.clone(), &daemon.tracker, daemon.cancel.clone());
+    drift.update(s.watched_files());
+    // The heartbeat for /healthz and systemd's WATCHDOG=1 come from this
+    // loop, the one that does the work: when it hangs, both stop.
     let watchdog_every = daemon.notify.watchdog_interval();
-    let mut watchdog = tokio::time::interval(watchdog_every.unwrap_or(Duration::from_secs(3600)));
-    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let beat_every = watchdog_every.unwrap_or(crate::status::DEFAULT_HEARTBEAT);
+    let mut beat = tokio::time::interval(beat_every);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // max_stale is checked periodically; without it this tick only refreshes STATUS=.
     let mut tick = tokio::time::interval(Duration::from_secs(30));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_status = String::new();
+    if pending_first.is_empty() {
+        daemon.notify.ready(&daemon.shared.snapshot().summary);
+    }
 
     // Runs blocking work on the syncer off the async threads.
     async fn with_syncer<R: Send + 'static>(
@@ -942,7 +1007,8 @@ async fn writer_loop(daemon: Daemon, syncer: Syncer, mut events: mpsc::Receiver<
     loop {
         let event = tokio::select! {
             _ = daemon.cancel.cancelled() => break,
-            _ = watchdog.tick() => {
+            _ = beat.tick() => {
+                daemon.shared.beat(beat_every);
                 if watchdog_every.is_some() {
                     daemon.notify.watchdog();
                 }
@@ -956,6 +1022,11 @@ async fn writer_loop(daemon: Daemon, syncer: Syncer, mut events: mpsc::Receiver<
         };
         let now = Instant::now();
         let outcomes: Vec<(String, SyncOutcome)> = match event {
+            #[cfg(test)]
+            Some(Event::Stall(how_long)) => {
+                tokio::time::sleep(how_long).await;
+                Vec::new()
+            }
             None => {
                 // Periodic: staleness (fail closed) needs no fetch to act.
                 if syncer.as_ref().is_some_and(Syncer::has_max_stale) {
@@ -1004,7 +1075,7 @@ async fn writer_loop(daemon: Daemon, syncer: Syncer, mut events: mpsc::Receiver<
                         .unwrap_or_default();
                         if let Some(s) = syncer.as_ref() {
                             sources = spawn_sources(&daemon, s);
-                            drift.update(s.watched_dirs());
+                            drift.update(s.watched_files());
                             tracing::info!("config reloaded");
                         }
                         outcomes
@@ -1044,7 +1115,7 @@ async fn writer_loop(daemon: Daemon, syncer: Syncer, mut events: mpsc::Receiver<
         if outcomes.iter().any(|(_, o)| o.wrote_home)
             && let Some(s) = syncer.as_ref()
         {
-            drift.update(s.watched_dirs());
+            drift.update(s.watched_files());
         }
         let summary = daemon.shared.snapshot().summary;
         if pending_first.is_empty() {
@@ -1060,37 +1131,36 @@ async fn writer_loop(daemon: Daemon, syncer: Syncer, mut events: mpsc::Receiver<
     }
 }
 
-/// Watches the directories of the users' files and turns changes into
-/// [`Event::Drift`], debounced per user. The agent's own writes show up too;
-/// they find the file already right and write nothing, so no loop starts.
+/// How long a user's file must be quiet before a drift repair: the repair
+/// then sees another writer's finished file, not its first half.
+const DRIFT_QUIET: Duration = Duration::from_millis(100);
+/// The longest a repair waits for quiet after the first change, so a file
+/// rewritten without pause is still repaired well within a second.
+const DRIFT_MAX_WAIT: Duration = Duration::from_millis(500);
+
+/// Watches the directories of the users' files and turns changes to those
+/// files into [`Event::Drift`]. Debounced per user on the trailing edge:
+/// every change re-arms the user's timer (up to [`DRIFT_MAX_WAIT`]), so the
+/// last change of a burst (the rename that completes another writer's
+/// replacement) is never dropped. The agent's own writes show up too; they
+/// find the file already right and write nothing, so no loop starts.
 struct DriftWatch {
-    map: Arc<std::sync::Mutex<HashMap<PathBuf, String>>>,
+    /// A user's file, and the directory holding it (for the directory itself
+    /// being removed or moved), to the users concerned.
+    targets: Arc<std::sync::Mutex<HashMap<PathBuf, Vec<String>>>>,
     watcher: Option<crate::watch::Watcher>,
-    watched: HashSet<PathBuf>,
 }
 
 impl DriftWatch {
-    fn new(events: mpsc::Sender<Event>) -> Self {
-        let map: Arc<std::sync::Mutex<HashMap<PathBuf, String>>> = Arc::default();
-        let lookup = map.clone();
-        let last: std::sync::Mutex<HashMap<String, Instant>> = std::sync::Mutex::default();
+    fn new(events: mpsc::Sender<Event>, tracker: &TaskTracker, cancel: CancellationToken) -> Self {
+        let targets: Arc<std::sync::Mutex<HashMap<PathBuf, Vec<String>>>> = Arc::default();
+        let lookup = targets.clone();
+        let (changed, changes) = mpsc::unbounded_channel::<String>();
+        // Runs on notify's thread: look up and hand off, nothing more.
         let watcher = crate::watch::Watcher::new(move |path: &Path| {
-            let Some(dir) = path.parent() else { return };
-            // Our own temp files come and go on every write; ignore them.
-            if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".keysync.")) {
-                return;
-            }
-            let user = lookup.lock().unwrap_or_else(|p| p.into_inner()).get(dir).cloned();
-            if let Some(user) = user {
-                let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-                let now = Instant::now();
-                // Debounce: at most one repair request per user per 50 ms; a
-                // missed event is harmless because polls re-assert anyway.
-                if last.get(&user).is_none_or(|t| now.duration_since(*t) > Duration::from_millis(50)) {
-                    last.insert(user.clone(), now);
-                    let events = events.clone();
-                    let _ = events.try_send(Event::Drift(user));
-                }
+            let users = lookup.lock().unwrap_or_else(|p| p.into_inner()).get(path).cloned();
+            for user in users.into_iter().flatten() {
+                let _ = changed.send(user);
             }
         });
         let watcher = match watcher {
@@ -1100,22 +1170,217 @@ impl DriftWatch {
                 None
             }
         };
-        DriftWatch {
-            map,
-            watcher,
-            watched: HashSet::new(),
+        tracker.spawn(debounce_drift(changes, events, cancel));
+        DriftWatch { targets, watcher }
+    }
+
+    fn update(&mut self, files: Vec<(PathBuf, String)>) {
+        let Some(watcher) = self.watcher.as_mut() else { return };
+        let mut targets = self.targets.lock().unwrap_or_else(|p| p.into_inner());
+        targets.clear();
+        for (file, user) in files {
+            if let Some(dir) = file.parent() {
+                // Watching again is cheap, and catches a directory that was
+                // removed and made anew (a new inode) since the last update.
+                // One that does not exist yet is watched after the write that
+                // creates it.
+                watcher.watch(dir);
+                targets.entry(dir.to_path_buf()).or_default().push(user.clone());
+            }
+            targets.entry(file).or_default().push(user);
+        }
+    }
+}
+
+/// Turns raw change notices into one [`Event::Drift`] per user once the
+/// user's file has been quiet for [`DRIFT_QUIET`].
+async fn debounce_drift(
+    mut changes: mpsc::UnboundedReceiver<String>,
+    events: mpsc::Sender<Event>,
+    cancel: CancellationToken,
+) {
+    // user -> (first change of the burst, when to repair)
+    let mut due: HashMap<String, (Instant, Instant)> = HashMap::new();
+    loop {
+        let next = due.values().map(|(_, at)| *at).min();
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            got = changes.recv() => {
+                let Some(user) = got else { return };
+                let now = Instant::now();
+                let (first, at) = due.entry(user).or_insert((now, now));
+                *at = (now + DRIFT_QUIET).min(*first + DRIFT_MAX_WAIT);
+            }
+            _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now).into()), if next.is_some() => {
+                let now = Instant::now();
+                let ripe: Vec<String> = due.iter().filter(|(_, (_, at))| *at <= now).map(|(u, _)| u.clone()).collect();
+                for user in ripe {
+                    due.remove(&user);
+                    if events.send(Event::Drift(user)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod service_tests {
+    //! The writer loop in process, with a [`Notifier`] aimed at a datagram
+    //! socket the test reads: the watchdog pings come from the loop that
+    //! does the work, and stop (with `/healthz`'s heartbeat) when it stalls.
+
+    use super::*;
+
+    /// What the notify socket received, one datagram per entry.
+    struct NotifyInbox {
+        socket: tokio::net::UnixDatagram,
+        seen: Vec<String>,
+    }
+
+    impl NotifyInbox {
+        fn bind(path: &Path) -> Self {
+            NotifyInbox {
+                socket: tokio::net::UnixDatagram::bind(path).expect("bind notify socket"),
+                seen: Vec::new(),
+            }
+        }
+
+        /// Reads datagrams until `deadline`; returns those that arrived.
+        async fn read_until(&mut self, deadline: tokio::time::Instant) -> Vec<String> {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 4096];
+            while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, self.socket.recv(&mut buf)).await {
+                got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+            self.seen.extend(got.iter().cloned());
+            got
+        }
+
+        /// Reads until `count` datagrams satisfy `pred`, or `within` passes.
+        async fn wait_for(&mut self, count: usize, within: Duration, pred: impl Fn(&str) -> bool) -> bool {
+            let deadline = tokio::time::Instant::now() + within;
+            let mut buf = vec![0u8; 4096];
+            let mut matched = self.seen.iter().filter(|m| pred(m)).count();
+            while matched < count {
+                match tokio::time::timeout_at(deadline, self.socket.recv(&mut buf)).await {
+                    Ok(Ok(n)) => {
+                        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                        matched += usize::from(pred(&msg));
+                        self.seen.push(msg);
+                    }
+                    _ => return false,
+                }
+            }
+            true
         }
     }
 
-    fn update(&mut self, dirs: Vec<(PathBuf, String)>) {
-        let Some(watcher) = self.watcher.as_mut() else { return };
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.clear();
-        for (dir, user) in dirs {
-            if !self.watched.contains(&dir) && watcher.watch(&dir) {
-                self.watched.insert(dir.clone());
-            }
-            map.insert(dir, user);
-        }
+    fn is_ping(msg: &str) -> bool {
+        msg.lines().any(|l| l == "WATCHDOG=1")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watchdog_pings_come_from_the_writer_and_stop_while_it_stalls() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = dir.path().join("keys");
+        std::fs::write(&keys, "").expect("keys file");
+        let config = dir.path().join("config.toml");
+        let text = format!(
+            "state_dir = \"{state}\"\nhealth_socket = \"{sock}\"\n\
+             [sources.local]\nkind = \"file\"\npath = \"{keys}\"\n\
+             [[users]]\nname = \"root\"\nsources = [\"local\"]\nwrite = \"none\"\n",
+            state = dir.path().join("state").display(),
+            sock = dir.path().join("health.sock").display(),
+            keys = keys.display(),
+        );
+        let settings = config::from_texts(&[(config.as_path(), text.as_str())]).expect("config");
+
+        let notify_path = dir.path().join("notify.sock");
+        let mut inbox = NotifyInbox::bind(&notify_path);
+        // WATCHDOG_USEC=200000: a ping every 100 ms.
+        let notify = Notifier::new(Some(notify_path.as_os_str()), Some(Duration::from_millis(200)));
+        assert_eq!(notify.watchdog_interval(), Some(Duration::from_millis(100)));
+
+        let shared = Shared::new();
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let (events, events_rx) = mpsc::channel::<Event>(16);
+        let daemon = Daemon {
+            shared: shared.clone(),
+            cancel: cancel.clone(),
+            tracker: tracker.clone(),
+            events: events.clone(),
+            notify,
+        };
+        let syncer = Syncer::new(settings, shared.clone());
+        tracker.spawn(writer_loop(daemon, syncer, events_rx));
+
+        // READY=1 after the first (file) fetch, then regular pings.
+        assert!(
+            inbox.wait_for(1, Duration::from_secs(10), |m| m.contains("READY=1")).await,
+            "no READY=1: {:?}",
+            inbox.seen
+        );
+        let started = tokio::time::Instant::now();
+        let before = inbox.seen.iter().filter(|m| is_ping(m)).count();
+        assert!(
+            inbox.wait_for(before + 5, Duration::from_secs(10), is_ping).await,
+            "fewer than 5 pings: {:?}",
+            inbox.seen
+        );
+        let rate = 5.0 / started.elapsed().as_secs_f64();
+        eprintln!("in-process watchdog pings: {rate:.1}/s (expected ~10/s)");
+        assert!(shared.liveness().is_ok());
+
+        // Stall the writer for 5 s. It is idle, so it takes the event at
+        // once; from 0.5 s to 3 s after sending it, no ping may arrive.
+        let sent = tokio::time::Instant::now();
+        events.send(Event::Stall(Duration::from_secs(5))).await.expect("send stall");
+        inbox.read_until(sent + Duration::from_millis(500)).await;
+        let during = inbox.read_until(sent + Duration::from_secs(3)).await;
+        assert!(
+            !during.iter().any(|m| is_ping(m)),
+            "pings while the writer was stalled: {during:?}"
+        );
+        let why = shared.liveness().expect_err("healthz must report the stalled writer");
+        assert!(why.contains("stalled"), "{why}");
+
+        // Back to work: pings resume and the heartbeat is fresh again.
+        let resumed = inbox.seen.iter().filter(|m| is_ping(m)).count();
+        assert!(
+            inbox.wait_for(resumed + 3, Duration::from_secs(15), is_ping).await,
+            "pings did not resume after the stall"
+        );
+        assert!(shared.liveness().is_ok());
+
+        cancel.cancel();
+        tracker.close();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.is_ok(),
+            "the writer's tasks did not stop"
+        );
+    }
+
+    #[test]
+    fn notifier_without_socket_is_silent_and_asks_for_no_pings() {
+        let n = Notifier::new(None, Some(Duration::from_secs(30)));
+        assert_eq!(n.watchdog_interval(), None);
+        n.ready("x");
+        n.watchdog();
+    }
+
+    #[test]
+    fn notifier_reaches_an_abstract_socket() {
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("keysync-test-{}-{}", std::process::id(), fastrand::u64(..));
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("addr");
+        let rx = std::os::unix::net::UnixDatagram::bind_addr(&addr).expect("bind");
+        let n = Notifier::new(Some(std::ffi::OsStr::new(&format!("@{name}"))), None);
+        n.status("line one\nline two");
+        let mut buf = [0u8; 256];
+        let len = rx.recv(&mut buf).expect("recv");
+        assert_eq!(&buf[..len], b"STATUS=line one line two\n");
     }
 }

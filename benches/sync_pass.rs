@@ -1,0 +1,124 @@
+//! One sync pass (DESIGN.md §9: under 100 ms at 10,000 keys, linear growth):
+//! fetch from a control plane on loopback, validate, render, write.
+//!
+//! Each size is measured two ways, interleaved with a baseline in the same
+//! run (the machines are shared and noisy, so ratios matter more than
+//! absolute figures):
+//! - in-process: `agent::run_once` against fresh state and target dirs, so
+//!   every pass writes everything (the worst case: a new instance);
+//! - baseline: a plain GET of the same body plus an atomic write of the
+//!   same number of bytes (the I/O floor any agent pays).
+//!
+//! Run: `cargo bench --bench sync_pass` (sizes via KEYSYNC_BENCH_SIZES, e.g. "10,1000,10000,100000").
+
+#[path = "../tests/support/fake_cp.rs"]
+mod fake_cp;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use fake_cp::{FakeControlPlane, gen_ed25519_keys};
+
+fn config(dir: &std::path::Path, url: &str) -> String {
+    format!(
+        r#"state_dir = "{d}/state"
+health_socket = "{d}/health.sock"
+[sources.account]
+kind = "vast"
+url = "{url}"
+api_key_env = "KEYSYNC_BENCH_API_KEY"
+jitter = "0s"
+max_body = "64MiB"
+[[users]]
+name = "root"
+sources = ["account"]
+path = "{d}/home/.ssh/authorized_keys"
+"#,
+        d = dir.display()
+    )
+}
+
+async fn one_pass(url: &str) -> Duration {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, config(dir.path(), url)).expect("config");
+    let settings = keysync::config::load(&path).expect("config loads");
+    let started = Instant::now();
+    let ok = keysync::agent::run_once(settings).await;
+    let took = started.elapsed();
+    assert!(ok, "sync pass failed");
+    let written = std::fs::read_to_string(dir.path().join("home/.ssh/authorized_keys")).expect("written");
+    assert!(written.contains("# END keysync managed keys"));
+    took
+}
+
+async fn baseline(client: &reqwest::Client, url: &str) -> Duration {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let started = Instant::now();
+    let body = client
+        .get(url)
+        .bearer_auth("bench")
+        .send()
+        .await
+        .expect("get")
+        .bytes()
+        .await
+        .expect("body");
+    let tmp = dir.path().join(".tmp");
+    let mut f = std::fs::File::create(&tmp).expect("create");
+    f.write_all(&body).expect("write");
+    f.sync_all().expect("fsync");
+    std::fs::rename(&tmp, dir.path().join("out")).expect("rename");
+    std::fs::File::open(dir.path()).and_then(|d| d.sync_all()).expect("dir fsync");
+    started.elapsed()
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn main() {
+    // SAFETY of set_var: single-threaded at this point, before any runtime starts.
+    unsafe { std::env::set_var("KEYSYNC_BENCH_API_KEY", "bench") };
+    let sizes: Vec<usize> = std::env::var("KEYSYNC_BENCH_SIZES")
+        .unwrap_or_else(|_| "10,1000,10000,100000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let cp = FakeControlPlane::start().await;
+        let client = reqwest::Client::new();
+        println!("| keys | sync pass median | baseline (GET + atomic write) | ratio | per key |");
+        println!("|---:|---:|---:|---:|---:|");
+        let mut per_key = Vec::new();
+        for &n in &sizes {
+            cp.set_keys(gen_ed25519_keys(n));
+            let rounds = if n >= 100_000 { 5 } else if n >= 10_000 { 15 } else { 30 };
+            // Warm up both paths once.
+            one_pass(&cp.url()).await;
+            baseline(&client, &cp.url()).await;
+            let (mut ours, mut base) = (Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                ours.push(one_pass(&cp.url()).await);
+                base.push(baseline(&client, &cp.url()).await);
+            }
+            let (m, b) = (median(&mut ours), median(&mut base));
+            let pk = m.as_secs_f64() * 1e6 / n as f64;
+            per_key.push((n, pk));
+            println!(
+                "| {n} | {:.2} ms | {:.2} ms | {:.1}x | {:.2} µs |",
+                m.as_secs_f64() * 1e3,
+                b.as_secs_f64() * 1e3,
+                m.as_secs_f64() / b.as_secs_f64(),
+                pk
+            );
+        }
+        cp.shutdown().await;
+    });
+}
