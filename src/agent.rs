@@ -29,6 +29,19 @@ use crate::status::{Shared, SourceStatus, UserStatus, to_unix};
 use crate::users;
 use crate::write::{self, Outcome};
 
+/// An error and its causes, `a: b: c`: "cannot write X" alone does not tell
+/// an operator that the disk is full.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 /// What one fetch produced. Owned and serializable: the fetch side's only
 /// message to the writer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,14 +65,27 @@ pub enum Fetched {
     },
 }
 
+/// How many rejected entries of one answer are logged one by one.
+const LOGGED_REJECTIONS: usize = 10;
+
 /// Fetches once and validates the answer with the key policy.
 pub async fn fetch(name: &str, source: &mut dyn KeySource, policy: &Policy) -> FetchReport {
     let started = Instant::now();
     let fetched = match source.fetch().await {
         Ok(Answer::List { entries, etag }) => {
             let (keys, rejected) = keys::parse_entries(entries.iter().map(String::as_str), policy);
-            for r in &rejected {
+            // A few examples, then a count: a list padded with junk must not
+            // flood the log (or the journal) with a line per entry.
+            for r in rejected.iter().take(LOGGED_REJECTIONS) {
                 tracing::warn!(source = name, rejected = %r, "dropping key that fails the key policy");
+            }
+            if rejected.len() > LOGGED_REJECTIONS {
+                tracing::warn!(
+                    source = name,
+                    rejected = rejected.len(),
+                    "{} keys in all fail the key policy; only the first {LOGGED_REJECTIONS} are logged",
+                    rejected.len()
+                );
             }
             Fetched::List { keys, etag }
         }
@@ -114,8 +140,49 @@ impl Syncer {
             saved_at: HashMap::new(),
         };
         syncer.restore();
+        syncer.remove_leftovers();
         syncer.publish_config(None);
         syncer
+    }
+
+    /// Removes `.keysync.*` leftovers of a crash (a kill between creating a
+    /// temporary file and renaming it) beside every file the agent writes, at
+    /// start: the next write would remove them too, but it may never come
+    /// when the files are already right.
+    fn remove_leftovers(&self) {
+        let mut specs = Vec::new();
+        // One file per state directory is enough: the whole directory is swept.
+        let mut state_dirs = HashSet::new();
+        let state_files = self
+            .settings
+            .sources
+            .keys()
+            .map(|name| self.state.source_path(name))
+            .chain(self.settings.users.iter().map(|u| self.state.cache_path(&u.name)));
+        for path in state_files {
+            if state_dirs.insert(path.parent().map(Path::to_path_buf)) {
+                specs.push(write::FileSpec {
+                    path,
+                    base: self.state.root().to_path_buf(),
+                    owner: None,
+                    act_as: None,
+                    file_mode: 0o600,
+                    dir_mode: 0o700,
+                });
+            }
+        }
+        for user in &self.settings.users {
+            if let Ok(account) = users::lookup(&user.name)
+                && let Some(spec) = users::home_file_spec(user, &account)
+            {
+                specs.push(spec);
+            }
+        }
+        for spec in specs {
+            if let Err(e) = write::remove_leftovers(&spec) {
+                tracing::debug!(path = %spec.path.display(), error = %e, "cannot look for leftover temporary files");
+            }
+        }
     }
 
     fn restore(&mut self) {
@@ -322,7 +389,13 @@ impl Syncer {
             Ok(_) => {
                 self.saved_at.insert(name.to_string(), good.fetched_at);
             }
-            Err(e) => tracing::error!(source = %name, error = %e, "cannot persist last good keys"),
+            Err(e) => {
+                // Forget the last save, so the next answer (a 304 too) tries
+                // again: a persisted list left behind would bring a key revoked
+                // meanwhile back at a restart without network.
+                self.saved_at.remove(name);
+                tracing::error!(source = %name, error = %error_chain(&e), "cannot persist last good keys");
+            }
         }
     }
 
@@ -392,7 +465,7 @@ impl Syncer {
             Ok(Outcome::Unchanged) => {}
             Ok(_) => wrote_any = true,
             Err(e) => {
-                fail(&self.shared, format!("cache: {e}"));
+                fail(&self.shared, format!("cache: {}", error_chain(&e)));
                 return Err(());
             }
         }
@@ -407,7 +480,7 @@ impl Syncer {
         let wrote_home = match home {
             Ok(outcome) => outcome != Outcome::Unchanged,
             Err(e) => {
-                fail(&self.shared, e.to_string());
+                fail(&self.shared, error_chain(&e));
                 return Err(());
             }
         };
@@ -609,8 +682,9 @@ impl Notifier {
             .and_then(|usec| usec.parse::<u64>().ok())
             .filter(|usec| *usec > 0)
             .filter(|_| {
-                std::env::var("WATCHDOG_PID")
-                    .map_or(true, |pid| pid.parse::<u32>().ok() == Some(std::process::id()))
+                std::env::var("WATCHDOG_PID").map_or(true, |pid| {
+                    pid.parse::<u32>().ok() == Some(std::process::id())
+                })
             })
             .map(Duration::from_micros);
         Self::new(socket.as_deref(), watchdog)
@@ -727,10 +801,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         let shared = shared.clone();
         tracker.spawn(async move {
             tokio::select! {
+                // Only when the first sync did not get there first.
                 _ = tokio::time::sleep(READY_TIMEOUT) => {
-                    let summary = shared.snapshot().summary;
-                    tracing::warn!("first sync not done after {READY_TIMEOUT:?}; reporting ready with cached keys");
-                    notify.ready(&summary);
+                    if !notify.ready.load(Ordering::SeqCst) {
+                        let summary = shared.snapshot().summary;
+                        tracing::warn!("first sync not done after {READY_TIMEOUT:?}; reporting ready with cached keys");
+                        notify.ready(&summary);
+                    }
                 }
                 _ = cancel.cancelled() => {}
             }
@@ -830,12 +907,14 @@ fn spawn_sources(daemon: &Daemon, syncer: &Syncer) -> HashMap<String, SourceTask
         let (nudge, nudge_rx) = mpsc::channel(1);
         let cancel = daemon.cancel.child_token();
         let etag = syncer.engine.last_good(name).and_then(|g| g.etag.clone());
-        let stream_up = Arc::new(AtomicBool::new(false));
+        // Whether the subscription stream is up. Without a subscription the
+        // sender is dropped here and the fetch loop simply polls.
+        let (stream_tx, stream_rx) = tokio::sync::watch::channel(false);
         if src.subscribe_url.is_some() {
             daemon.tracker.spawn(crate::subscribe::run(
                 src.clone(),
                 nudge.clone(),
-                stream_up.clone(),
+                stream_tx,
                 daemon.shared.clone(),
                 cancel.clone(),
             ));
@@ -849,7 +928,7 @@ fn spawn_sources(daemon: &Daemon, syncer: &Syncer) -> HashMap<String, SourceTask
             etag,
             daemon.events.clone(),
             nudge_rx,
-            stream_up,
+            stream_rx,
             cancel.clone(),
         ));
         tasks.insert(name.clone(), SourceTask { nudge, cancel });
@@ -857,36 +936,75 @@ fn spawn_sources(daemon: &Daemon, syncer: &Syncer) -> HashMap<String, SourceTask
     tasks
 }
 
-/// A file source is re-read as soon as its directory watch sees a change.
+/// How long a key file must be quiet before it is re-read: an editor or
+/// `echo >` truncates first and writes after, and a read in between would
+/// take the half-written file for the list (and revoke keys until the next
+/// read).
+const FILE_QUIET: Duration = Duration::from_millis(50);
+/// The longest a re-read waits for quiet after the first change, so a file
+/// rewritten without pause is still re-read well within a second.
+const FILE_MAX_WAIT: Duration = Duration::from_millis(300);
+
+/// A file source is re-read as soon as its directory watch sees the file
+/// change (written, replaced by a rename, created or removed), debounced on
+/// the trailing edge.
 fn spawn_file_watch(daemon: &Daemon, path: &Path, nudge: mpsc::Sender<()>, cancel: CancellationToken) {
     let target = path.to_path_buf();
     let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
-    let watcher = crate::watch::Watcher::new(move |changed: &Path| {
-        if changed == target {
+    let (changed, mut changes) = mpsc::unbounded_channel::<()>();
+    // Runs on notify's thread: filter and hand off, nothing more.
+    let watcher = crate::watch::Watcher::new(move |path: &Path| {
+        if path == target {
+            let _ = changed.send(());
+        }
+    });
+    let mut watcher = match watcher {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the key file; it is re-read at each poll");
+            return;
+        }
+    };
+    if !watcher.watch(&dir) {
+        tracing::warn!(dir = %dir.display(), "cannot watch the key file's directory; the file is re-read at each poll");
+    }
+    daemon.tracker.spawn(async move {
+        // Owned by the task: the watch lives as long as the source.
+        let _watcher = watcher;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                got = changes.recv() => if got.is_none() { return },
+            }
+            let first = tokio::time::Instant::now();
+            loop {
+                let quiet = tokio::time::sleep(FILE_QUIET);
+                let latest = first + FILE_MAX_WAIT;
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = quiet => break,
+                    _ = tokio::time::sleep_until(latest) => break,
+                    got = changes.recv() => if got.is_none() { return },
+                }
+            }
+            // A full channel means a fetch is already due, which reads the file.
             let _ = nudge.try_send(());
         }
     });
-    match watcher {
-        Ok(mut w) => {
-            w.watch(&dir);
-            daemon.tracker.spawn(async move {
-                cancel.cancelled().await;
-                drop(w);
-            });
-        }
-        Err(e) => tracing::warn!(error = %e, "cannot watch key file; it is polled"),
-    }
 }
 
-/// Full-jitter backoff: uniform in [0, min(max_backoff, interval·2^failures)],
-/// never before the server's Retry-After.
+/// Full-jitter backoff after `failures` (≥ 1) failures in a row: uniform in
+/// [0, cap], where the cap doubles from `interval` (1st failure: `interval`,
+/// 2nd: 2·`interval`, …) up to `max_backoff`. A server's `Retry-After` is
+/// honoured by adding the jittered wait to it: a plain floor would send every
+/// agent that was told "come back in 30 s" back at the same second.
 pub fn backoff(settings: &SourceSettings, failures: u32, retry_after: Option<Duration>) -> Duration {
     let cap = settings
         .interval
-        .saturating_mul(2u32.saturating_pow(failures.min(30)))
+        .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(30)))
         .min(settings.max_backoff.max(settings.interval));
     let jittered = cap.mul_f64(fastrand::f64());
-    jittered.max(retry_after.unwrap_or(Duration::ZERO))
+    retry_after.unwrap_or(Duration::ZERO).saturating_add(jittered)
 }
 
 /// The next poll: `base` ± uniform jitter, never under a tenth of `base`.
@@ -898,13 +1016,17 @@ pub fn jittered(base: Duration, jitter: Duration) -> Duration {
     (base + offset).saturating_sub(jitter).max(base / 10)
 }
 
+/// One source's fetch loop: fetches at start, then every `interval` (± jitter)
+/// while polling, every `resync` while the subscription stream is up, at
+/// once when nudged (a stream event, a (re)connect, a changed key file, a
+/// confirmation), and with backoff after failures.
 async fn source_loop(
     settings: SourceSettings,
     policy: Policy,
     etag: Option<String>,
     events: mpsc::Sender<Event>,
     mut nudge: mpsc::Receiver<()>,
-    stream_up: Arc<AtomicBool>,
+    mut stream: tokio::sync::watch::Receiver<bool>,
     cancel: CancellationToken,
 ) {
     let name = settings.name.clone();
@@ -912,12 +1034,23 @@ async fn source_loop(
     let mut etag = etag;
     let mut failures = 0u32;
     // The first fetch after start is immediate.
-    let mut delay = Duration::ZERO;
+    let mut next = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep_until(next) => {}
             Some(()) = nudge.recv() => {}
+            // Errs (and is skipped) when there is no subscription.
+            Ok(()) = stream.changed() => {
+                // The stream went down while this loop waited out `resync`:
+                // from now on it polls at `interval`. A backoff in progress
+                // is kept.
+                if !*stream.borrow_and_update() && failures == 0 {
+                    let poll = tokio::time::Instant::now() + jittered(settings.interval, settings.jitter);
+                    next = next.min(poll);
+                }
+                continue;
+            }
         }
         if source.is_none() {
             match source::build(&settings, etag.take()) {
@@ -930,7 +1063,7 @@ async fn source_loop(
                         took: Duration::ZERO,
                     };
                     failures = failures.saturating_add(1);
-                    delay = backoff(&settings, failures, None);
+                    next = tokio::time::Instant::now() + backoff(&settings, failures, None);
                     if events.send(Event::Fetched(report)).await.is_err() {
                         return;
                     }
@@ -943,17 +1076,18 @@ async fn source_loop(
             _ = cancel.cancelled() => return,
             report = fetch(&name, src.as_mut(), &policy) => report,
         };
-        delay = match &report.fetched {
+        let delay = match &report.fetched {
             Fetched::Failed { retry_after, .. } => {
                 failures = failures.saturating_add(1);
                 backoff(&settings, failures, *retry_after)
             }
             _ => {
                 failures = 0;
-                let base = if stream_up.load(Ordering::Relaxed) { settings.resync } else { settings.interval };
+                let base = if *stream.borrow_and_update() { settings.resync } else { settings.interval };
                 jittered(base, settings.jitter)
             }
         };
+        next = tokio::time::Instant::now() + delay;
         if events.send(Event::Fetched(report)).await.is_err() {
             return;
         }
@@ -965,7 +1099,11 @@ async fn writer_loop(daemon: Daemon, syncer: Syncer, mut events: mpsc::Receiver<
     let Some(s) = syncer.as_ref() else { return };
     let mut sources = spawn_sources(&daemon, s);
     let mut pending_first: HashSet<String> = s.settings().sources.keys().cloned().collect();
-    let mut drift = DriftWatch::new(daemon.events.clone(), &daemon.tracker, daemon.cancel.clone());
+    let mut drift = DriftWatch::new(
+        daemon.events.clone(),
+        &daemon.tracker,
+        daemon.cancel.clone(),
+    );
     drift.update(s.watched_files());
     // The heartbeat for /healthz and systemd's WATCHDOG=1 come from this
     // loop, the one that does the work: when it hangs, both stop.
@@ -976,6 +1114,7 @@ async fn writer_loop(daemon: Daemon, syncer: Syncer, mut events: mpsc::Receiver<
     // max_stale is checked periodically; without it this tick only refreshes STATUS=.
     let mut tick = tokio::time::interval(Duration::from_secs(30));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut started = false;
     let mut last_status = String::new();
     if pending_first.is_empty() {
         daemon.notify.ready(&daemon.shared.snapshot().summary);
@@ -1029,7 +1168,11 @@ async fn writer_loop(daemon: Daemon, syncer: Syncer, mut events: mpsc::Receiver<
             }
             None => {
                 // Periodic: staleness (fail closed) needs no fetch to act.
-                if syncer.as_ref().is_some_and(Syncer::has_max_stale) {
+                // The first tick fires at once: it writes the persisted last
+                // good keys, so a start with the API down serves them.
+                if !std::mem::replace(&mut started, true)
+                    || syncer.as_ref().is_some_and(Syncer::has_max_stale)
+                {
                     with_syncer(&mut syncer, move |s| s.sync_all(now)).await.unwrap_or_default()
                 } else {
                     Vec::new()
@@ -1158,7 +1301,11 @@ impl DriftWatch {
         let (changed, changes) = mpsc::unbounded_channel::<String>();
         // Runs on notify's thread: look up and hand off, nothing more.
         let watcher = crate::watch::Watcher::new(move |path: &Path| {
-            let users = lookup.lock().unwrap_or_else(|p| p.into_inner()).get(path).cloned();
+            let users = lookup
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(path)
+                .cloned();
             for user in users.into_iter().flatten() {
                 let _ = changed.send(user);
             }
@@ -1175,17 +1322,27 @@ impl DriftWatch {
     }
 
     fn update(&mut self, files: Vec<(PathBuf, String)>) {
-        let Some(watcher) = self.watcher.as_mut() else { return };
+        let Some(watcher) = self.watcher.as_mut() else {
+            return;
+        };
+        // Watching again is cheap, and catches a directory that was removed
+        // and made anew (a new inode) since the last update. One that does
+        // not exist yet is watched after the write that creates it. Not under
+        // the `targets` lock: notify's `watch` waits for its event thread,
+        // which may be in the callback waiting for that lock (a deadlock).
+        for (file, _) in &files {
+            if let Some(dir) = file.parent() {
+                watcher.watch(dir);
+            }
+        }
         let mut targets = self.targets.lock().unwrap_or_else(|p| p.into_inner());
         targets.clear();
         for (file, user) in files {
             if let Some(dir) = file.parent() {
-                // Watching again is cheap, and catches a directory that was
-                // removed and made anew (a new inode) since the last update.
-                // One that does not exist yet is watched after the write that
-                // creates it.
-                watcher.watch(dir);
-                targets.entry(dir.to_path_buf()).or_default().push(user.clone());
+                targets
+                    .entry(dir.to_path_buf())
+                    .or_default()
+                    .push(user.clone());
             }
             targets.entry(file).or_default().push(user);
         }
@@ -1251,7 +1408,9 @@ mod service_tests {
         async fn read_until(&mut self, deadline: tokio::time::Instant) -> Vec<String> {
             let mut got = Vec::new();
             let mut buf = vec![0u8; 4096];
-            while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, self.socket.recv(&mut buf)).await {
+            while let Ok(Ok(n)) =
+                tokio::time::timeout_at(deadline, self.socket.recv(&mut buf)).await
+            {
                 got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
             }
             self.seen.extend(got.iter().cloned());
@@ -1259,7 +1418,12 @@ mod service_tests {
         }
 
         /// Reads until `count` datagrams satisfy `pred`, or `within` passes.
-        async fn wait_for(&mut self, count: usize, within: Duration, pred: impl Fn(&str) -> bool) -> bool {
+        async fn wait_for(
+            &mut self,
+            count: usize,
+            within: Duration,
+            pred: impl Fn(&str) -> bool,
+        ) -> bool {
             let deadline = tokio::time::Instant::now() + within;
             let mut buf = vec![0u8; 4096];
             let mut matched = self.seen.iter().filter(|m| pred(m)).count();
@@ -1300,7 +1464,10 @@ mod service_tests {
         let notify_path = dir.path().join("notify.sock");
         let mut inbox = NotifyInbox::bind(&notify_path);
         // WATCHDOG_USEC=200000: a ping every 100 ms.
-        let notify = Notifier::new(Some(notify_path.as_os_str()), Some(Duration::from_millis(200)));
+        let notify = Notifier::new(
+            Some(notify_path.as_os_str()),
+            Some(Duration::from_millis(200)),
+        );
         assert_eq!(notify.watchdog_interval(), Some(Duration::from_millis(100)));
 
         let shared = Shared::new();
@@ -1319,14 +1486,18 @@ mod service_tests {
 
         // READY=1 after the first (file) fetch, then regular pings.
         assert!(
-            inbox.wait_for(1, Duration::from_secs(10), |m| m.contains("READY=1")).await,
+            inbox
+                .wait_for(1, Duration::from_secs(10), |m| m.contains("READY=1"))
+                .await,
             "no READY=1: {:?}",
             inbox.seen
         );
         let started = tokio::time::Instant::now();
         let before = inbox.seen.iter().filter(|m| is_ping(m)).count();
         assert!(
-            inbox.wait_for(before + 5, Duration::from_secs(10), is_ping).await,
+            inbox
+                .wait_for(before + 5, Duration::from_secs(10), is_ping)
+                .await,
             "fewer than 5 pings: {:?}",
             inbox.seen
         );
@@ -1337,28 +1508,39 @@ mod service_tests {
         // Stall the writer for 5 s. It is idle, so it takes the event at
         // once; from 0.5 s to 3 s after sending it, no ping may arrive.
         let sent = tokio::time::Instant::now();
-        events.send(Event::Stall(Duration::from_secs(5))).await.expect("send stall");
+        events
+            .send(Event::Stall(Duration::from_secs(5)))
+            .await
+            .expect("send stall");
         inbox.read_until(sent + Duration::from_millis(500)).await;
         let during = inbox.read_until(sent + Duration::from_secs(3)).await;
         assert!(
             !during.iter().any(|m| is_ping(m)),
             "pings while the writer was stalled: {during:?}"
         );
-        let why = shared.liveness().expect_err("healthz must report the stalled writer");
+        let why = shared
+            .liveness()
+            .expect_err("healthz must report the stalled writer");
         assert!(why.contains("stalled"), "{why}");
+        assert!(shared.ready().is_err(), "a stalled agent is not ready");
 
         // Back to work: pings resume and the heartbeat is fresh again.
         let resumed = inbox.seen.iter().filter(|m| is_ping(m)).count();
         assert!(
-            inbox.wait_for(resumed + 3, Duration::from_secs(15), is_ping).await,
+            inbox
+                .wait_for(resumed + 3, Duration::from_secs(15), is_ping)
+                .await,
             "pings did not resume after the stall"
         );
         assert!(shared.liveness().is_ok());
+        assert!(shared.ready().is_ok(), "{:?}", shared.ready());
 
         cancel.cancel();
         tracker.close();
         assert!(
-            tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.is_ok(),
+            tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+                .await
+                .is_ok(),
             "the writer's tasks did not stop"
         );
     }
@@ -1375,7 +1557,8 @@ mod service_tests {
     fn notifier_reaches_an_abstract_socket() {
         use std::os::linux::net::SocketAddrExt;
         let name = format!("keysync-test-{}-{}", std::process::id(), fastrand::u64(..));
-        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("addr");
+        let addr =
+            std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("addr");
         let rx = std::os::unix::net::UnixDatagram::bind_addr(&addr).expect("bind");
         let n = Notifier::new(Some(std::ffi::OsStr::new(&format!("@{name}"))), None);
         n.status("line one\nline two");

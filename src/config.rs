@@ -292,9 +292,14 @@ fn non_empty(text: String) -> Option<Secret> {
 
 fn warn_if_readable_by_others(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
+    // The key is read at every fetch; warn once per path, not every minute.
+    static WARNED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
     if let Ok(meta) = std::fs::metadata(path)
         && meta.permissions().mode() & 0o077 != 0
+        && let Ok(mut warned) = WARNED.lock()
+        && !warned.iter().any(|p| p == path)
     {
+        warned.push(path.to_path_buf());
         tracing::warn!(
             path = %path.display(),
             mode = format!("{:o}", meta.permissions().mode() & 0o7777),

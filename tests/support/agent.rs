@@ -30,7 +30,10 @@ impl Default for TestEnv {
 
 impl TestEnv {
     pub fn new() -> Self {
-        let dir = tempfile::Builder::new().prefix("keysync-test.").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("keysync-test.")
+            .tempdir()
+            .expect("tempdir");
         TestEnv { dir }
     }
 
@@ -103,9 +106,14 @@ confirm_delay = "300ms"
     /// `keysync run --once` with this env's config.
     pub fn run_once(&self) -> Output {
         let config = self.config_path();
-        self.command(&["run", "--once", "--config", config.to_str().expect("utf-8 path")])
-            .output()
-            .expect("run keysync")
+        self.command(&[
+            "run",
+            "--once",
+            "--config",
+            config.to_str().expect("utf-8 path"),
+        ])
+        .output()
+        .expect("run keysync")
     }
 
     /// Starts `keysync run` in the background; its stderr goes to `<dir>/agent.log`.
@@ -164,10 +172,24 @@ impl Agent {
 
     /// SIGTERM, then waits up to `within` for the exit; SIGKILL after that.
     /// Returns the exit status and how long the stop took.
-    pub fn stop(mut self, within: Duration) -> (ExitStatus, Duration) {
+    pub fn stop(self, within: Duration) -> (ExitStatus, Duration) {
+        self.stop_with(nix::sys::signal::Signal::SIGTERM, within)
+    }
+
+    /// Like [`Agent::stop`] with another signal (e.g. SIGINT).
+    pub fn stop_with(
+        mut self,
+        sig: nix::sys::signal::Signal,
+        within: Duration,
+    ) -> (ExitStatus, Duration) {
         let mut child = self.child.take().expect("child");
         let started = Instant::now();
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        // An agent that already exited (and may have been reaped by `alive`)
+        // must not be signalled: its pid may belong to someone else by now.
+        if let Ok(Some(status)) = child.try_wait() {
+            return (status, started.elapsed());
+        }
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 return (status, started.elapsed());
