@@ -1,13 +1,15 @@
 //! The health socket (DESIGN.md §8): HTTP/1.1 on a Unix socket, mode 0660,
 //! group `keysync` when it exists. `/healthz`, `/readyz`, `/status` (JSON)
-//! and `/metrics` (Prometheus text). Nothing it serves holds a secret: the
+//! and `/metrics` (Prometheus text). `/healthz` reports on the writer loop's
+//! heartbeat (the loop that does the work), so a hung agent answers 503
+//! although this server still runs. Nothing it serves holds a secret: the
 //! status carries no API key and URLs are not part of it.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 
 use axum::Router;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::UnixListener;
@@ -86,15 +88,32 @@ pub fn cleanup(path: &Path) {
 /// The routes, over the shared status.
 pub fn router(shared: Shared) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/healthz",
+            get({
+                let shared = shared.clone();
+                move || async move {
+                    match shared.liveness() {
+                        Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+                        Err(why) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("unhealthy: {why}\n"),
+                        ),
+                    }
+                }
+            }),
+        )
         .route(
             "/readyz",
             get({
                 let shared = shared.clone();
                 move || async move {
-                    match shared.snapshot().readiness() {
+                    match shared.ready() {
                         Ok(()) => (StatusCode::OK, "ready\n".to_string()),
-                        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+                        Err(why) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {why}\n"),
+                        ),
                     }
                 }
             }),
@@ -108,17 +127,26 @@ pub fn router(shared: Shared) -> Router {
         )
         .route(
             "/metrics",
-            get(move || async move { metrics(&shared) }),
+            get(move |headers: HeaderMap| async move { metrics(&shared, &headers) }),
         )
 }
 
-fn metrics(shared: &Shared) -> Response {
+/// OpenMetrics for a scraper that asks for it (Prometheus does), the classic
+/// Prometheus text format otherwise.
+fn metrics(shared: &Shared, headers: &HeaderMap) -> Response {
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let content_type = if openmetrics {
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    } else {
+        "text/plain; version=0.0.4; charset=utf-8"
+    };
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        shared.metrics.encode(),
+        [(header::CONTENT_TYPE, content_type)],
+        shared.metrics_text(openmetrics),
     )
         .into_response()
 }

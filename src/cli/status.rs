@@ -14,9 +14,12 @@ use crate::status::Status;
 
 /// GETs `path` over the Unix socket; returns (status code, body).
 pub async fn get(socket: &Path, path: &str) -> Result<(u16, Vec<u8>), String> {
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .map_err(|e| format!("cannot connect to {}: {e} (is the agent running?)", socket.display()))?;
+    let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
+        format!(
+            "cannot connect to {}: {e} (is the agent running?)",
+            socket.display()
+        )
+    })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("handshake failed: {e}"))?;
@@ -25,7 +28,10 @@ pub async fn get(socket: &Path, path: &str) -> Result<(u16, Vec<u8>), String> {
         .header(hyper::header::HOST, "localhost")
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
-    let response = sender.send_request(request).await.map_err(|e| format!("request failed: {e}"))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("request failed: {e}"))?;
     let code = response.status().as_u16();
     let body = response
         .into_body()
@@ -38,7 +44,10 @@ pub async fn get(socket: &Path, path: &str) -> Result<(u16, Vec<u8>), String> {
 }
 
 pub fn main(socket: &Path, json: bool, check: bool) -> u8 {
-    let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
         eprintln!("keysync status: cannot start the runtime");
         return EXIT_FAILED;
     };
@@ -110,7 +119,10 @@ pub fn render(s: &Status) -> String {
             src.key_count,
             ago(src.last_success),
             ago(src.last_attempt),
-            src.last_error.as_ref().map(|e| format!("\n    error: {e}")).unwrap_or_default()
+            src.last_error
+                .as_ref()
+                .map(|e| format!("\n    error: {e}"))
+                .unwrap_or_default()
         ));
     }
     out.push_str("users:\n");
@@ -118,12 +130,21 @@ pub fn render(s: &Status) -> String {
         out.push_str(&format!(
             "  {name} ({}{}): {} keys, last write {}, drift repairs {}{}{}\n",
             user.write_mode,
-            user.path.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default(),
+            user.path
+                .as_ref()
+                .map(|p| format!(" {}", p.display()))
+                .unwrap_or_default(),
             user.fingerprints.len(),
             ago(user.last_write),
             user.drift_repairs,
-            user.pending.as_ref().map(|p| format!("\n    pending: {p}")).unwrap_or_default(),
-            user.last_error.as_ref().map(|e| format!("\n    error: {e}")).unwrap_or_default()
+            user.pending
+                .as_ref()
+                .map(|p| format!("\n    pending: {p}"))
+                .unwrap_or_default(),
+            user.last_error
+                .as_ref()
+                .map(|e| format!("\n    error: {e}"))
+                .unwrap_or_default()
         ));
     }
     out
