@@ -250,7 +250,7 @@ pub enum ApiKeyError {
         #[source]
         source: std::io::Error,
     },
-    #[error("no API key: set api_key_file, the {env} environment variable, or the systemd credential api-key")]
+    #[error("no API key: api_key_file is missing or empty, and neither the {env} environment variable nor the systemd credential api-key is set")]
     Missing { env: String },
 }
 
@@ -259,14 +259,23 @@ impl ApiKeySource {
     /// `$CREDENTIALS_DIRECTORY/api-key`. Surrounding whitespace is trimmed.
     pub fn resolve(&self) -> Result<Secret, ApiKeyError> {
         if let Some(path) = &self.api_key_file {
-            let text = std::fs::read_to_string(path).map_err(|source| ApiKeyError::Read {
-                path: path.clone(),
-                source,
-            })?;
-            warn_if_readable_by_others(path);
-            return non_empty(text).ok_or_else(|| ApiKeyError::Missing {
-                env: self.api_key_env.clone(),
-            });
+            match std::fs::read_to_string(path) {
+                Ok(text) => {
+                    warn_if_readable_by_others(path);
+                    if let Some(key) = non_empty(text) {
+                        return Ok(key);
+                    }
+                }
+                // Not there (yet): the next places may have it, e.g. a
+                // packaged default config used with LoadCredential=.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(ApiKeyError::Read {
+                        path: path.clone(),
+                        source,
+                    });
+                }
+            }
         }
         if let Some(key) = std::env::var(&self.api_key_env).ok().and_then(non_empty) {
             return Ok(key);
