@@ -158,7 +158,12 @@ impl Syncer {
             .sources
             .keys()
             .map(|name| self.state.source_path(name))
-            .chain(self.settings.users.iter().map(|u| self.state.cache_path(&u.name)));
+            .chain(
+                self.settings
+                    .users
+                    .iter()
+                    .map(|u| self.state.cache_path(&u.name)),
+            );
         for path in state_files {
             if state_dirs.insert(path.parent().map(Path::to_path_buf)) {
                 specs.push(write::FileSpec {

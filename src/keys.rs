@@ -454,14 +454,16 @@ mod tests {
 
     proptest! {
         // Whatever the input, an accepted key renders as exactly one line
-        // with no control characters.
+        // with no control characters but tab (allowed inside a comment,
+        // DESIGN.md §6).
         #[test]
         fn accepted_keys_render_as_one_clean_line(prefix in ".{0,40}", suffix in ".{0,300}") {
             let entry = format!("{prefix}{ALICE}{suffix}");
             let p = Policy { allow_source_options: true, ..Policy::default() };
             if let Ok(key) = parse_entry(&entry, &p) {
                 let line = key.line(Some("no-pty"));
-                prop_assert!(!line.chars().any(|c| c.is_control()));
+                prop_assert!(!line.chars().any(|c| c.is_control() && c != '\t'));
+                prop_assert_eq!(line.lines().count(), 1);
                 prop_assert!(key.comment.len() <= MAX_COMMENT_BYTES);
             }
         }

@@ -5,13 +5,14 @@
 //! `: comment` lines are heartbeats. On a dropped stream the task reconnects
 //! with backoff and full jitter, sending `Last-Event-ID`; while the stream is
 //! down the fetch loop polls at `interval`, and while it is up at `resync`.
+//! The task tells the fetch loop which of the two applies through a watch
+//! channel, so a loop waiting out a long `resync` starts polling as soon as
+//! the stream drops.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use reqwest::header::{self, HeaderMap, HeaderValue};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{SourceKind, SourceSettings};
@@ -29,6 +30,15 @@ pub struct SseParser {
 
 /// Lines longer than this are dropped (a hostile stream cannot grow memory).
 const MAX_LINE: usize = 64 * 1024;
+
+/// A stream that sends nothing at all, not even a heartbeat, for this long
+/// (or for `resync`, when that is longer) is taken for dead and reopened.
+/// It catches a connection a proxy holds open after its upstream died; a
+/// vanished peer is already noticed by TCP keepalive (reqwest's default,
+/// about a minute). The floor keeps a short `resync` (a test's, a
+/// benchmark's) from turning a quiet but healthy stream into a reconnect
+/// loop: `resync` is the fetch loop's business, not the stream's.
+const SILENCE_FLOOR: Duration = Duration::from_secs(90);
 
 impl SseParser {
     /// Feeds a chunk; returns how many events were dispatched.
@@ -81,11 +91,13 @@ impl SseParser {
 pub async fn run(
     settings: SourceSettings,
     nudge: mpsc::Sender<()>,
-    stream_up: Arc<AtomicBool>,
+    stream_up: watch::Sender<bool>,
     shared: Shared,
     cancel: CancellationToken,
 ) {
-    let Some(sub_url) = settings.subscribe_url.clone() else { return };
+    let Some(sub_url) = settings.subscribe_url.clone() else {
+        return;
+    };
     let name = settings.name.clone();
     let client = match crate::source::http::client(&SourceSettings {
         // The stream stays open: only connecting is bounded by the timeout.
@@ -98,14 +110,23 @@ pub async fn run(
             return;
         }
     };
-    let Ok(url) = reqwest::Url::parse(&sub_url) else { return };
+    let Ok(url) = reqwest::Url::parse(&sub_url) else {
+        return;
+    };
+    let silence = settings.resync.max(SILENCE_FLOOR);
     let mut parser = SseParser::default();
     let mut failures = 0u32;
     loop {
         let mut headers = HeaderMap::new();
-        headers.insert(header::ACCEPT, HeaderValue::from_static("text/event-stream"));
+        headers.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("text/event-stream"),
+        );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        if let SourceKind::Vast { url: list_url, api_key } = &settings.kind
+        if let SourceKind::Vast {
+            url: list_url,
+            api_key,
+        } = &settings.kind
             && reqwest::Url::parse(list_url).is_ok_and(|l| l.origin() == url.origin())
             && let Ok(key) = api_key.resolve()
             && let Ok(mut value) = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
@@ -118,7 +139,10 @@ pub async fn run(
         {
             headers.insert("last-event-id", value);
         }
-        let connect = tokio::time::timeout(settings.timeout, client.get(url.clone()).headers(headers).send());
+        let connect = tokio::time::timeout(
+            settings.timeout,
+            client.get(url.clone()).headers(headers).send(),
+        );
         let response = tokio::select! {
             _ = cancel.cancelled() => return,
             r = connect => r,
@@ -131,14 +155,14 @@ pub async fn run(
                 // A (re)connect may have missed events: fetch now.
                 let _ = nudge.try_send(());
                 let reason = loop {
-                    // Heartbeats keep a healthy stream talking; silence longer
-                    // than `resync` means a dead connection.
+                    // Heartbeats keep a healthy stream talking; long silence
+                    // means a dead connection.
                     let chunk = tokio::select! {
                         _ = cancel.cancelled() => {
                             set_up(&shared, &name, &stream_up, false);
                             return;
                         }
-                        c = tokio::time::timeout(settings.resync, resp.chunk()) => c,
+                        c = tokio::time::timeout(silence, resp.chunk()) => c,
                     };
                     match chunk {
                         Ok(Ok(Some(bytes))) => {
@@ -148,7 +172,7 @@ pub async fn run(
                         }
                         Ok(Ok(None)) => break "stream closed by the server".to_string(),
                         Ok(Err(e)) => break format!("stream broke: {e}"),
-                        Err(_) => break "stream silent for longer than resync".to_string(),
+                        Err(_) => break format!("stream silent for {silence:?}"),
                     }
                 };
                 set_up(&shared, &name, &stream_up, false);
@@ -175,8 +199,8 @@ pub async fn run(
     }
 }
 
-fn set_up(shared: &Shared, name: &str, flag: &AtomicBool, up: bool) {
-    flag.store(up, Ordering::Relaxed);
+fn set_up(shared: &Shared, name: &str, flag: &watch::Sender<bool>, up: bool) {
+    flag.send_replace(up);
     let mut status = shared.lock();
     let entry = status.sources.entry(name.to_string()).or_default();
     entry.stream_connected = up;
@@ -191,7 +215,10 @@ mod tests {
     fn events_comments_and_ids() {
         let mut p = SseParser::default();
         assert_eq!(p.feed(b": heartbeat\n\n"), 0);
-        assert_eq!(p.feed(b"id: 7\nevent: keys\ndata: {\"generation\": 7}\n\n"), 1);
+        assert_eq!(
+            p.feed(b"id: 7\nevent: keys\ndata: {\"generation\": 7}\n\n"),
+            1
+        );
         assert_eq!(p.last_id.as_deref(), Some("7"));
         // Split across chunks and CRLF.
         assert_eq!(p.feed(b"data: a\r"), 0);

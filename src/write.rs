@@ -208,6 +208,21 @@ pub fn apply_with_hook(
     })
 }
 
+/// Removes `.keysync.*` leftovers of a crash (a kill between creating a
+/// temporary file and renaming it) beside `spec.path`, reaching the directory
+/// as [`apply`] does: no user's symlink followed, acting as the user. A write
+/// cleans up too, but the next one may be long in coming when the content is
+/// already right. A missing directory is not an error; nothing is created.
+pub fn remove_leftovers(spec: &FileSpec) -> Result<(), WriteError> {
+    let writer = Writer::new(spec)?;
+    writer.as_user(|| {
+        if let Some((dir, path)) = writer.locate_dir(false)? {
+            remove_stale_temps(&dir, &path.join(&writer.name));
+        }
+        Ok(())
+    })
+}
+
 /// The identity of a file as seen by fstat: if any of it differs, someone
 /// replaced or modified the file. ctime is included on top of DESIGN's
 /// (dev, ino, size, mtime) because it also catches writers that restore mtime.
@@ -305,6 +320,16 @@ impl<'a> Writer<'a> {
     /// Walks to the file's directory and reads the file. None: a directory is
     /// missing and `create` is false.
     fn locate(&self, create: bool) -> Result<Option<Target>, WriteError> {
+        let Some((dir, path)) = self.locate_dir(create)? else {
+            return Ok(None);
+        };
+        let path = path.join(&self.name);
+        self.read_target(dir, self.name.clone(), path, 0).map(Some)
+    }
+
+    /// Walks to the file's directory. None: a directory is missing and
+    /// `create` is false.
+    fn locate_dir(&self, create: bool) -> Result<Option<(OwnedFd, PathBuf)>, WriteError> {
         let mut dir = self
             .base_fd
             .try_clone()
@@ -317,8 +342,7 @@ impl<'a> Writer<'a> {
                 None => return Ok(None),
             }
         }
-        let path = path.join(&self.name);
-        self.read_target(dir, self.name.clone(), path, 0).map(Some)
+        Ok(Some((dir, path)))
     }
 
     /// Opens the directory `name` in `parent` without following a user's symlink;

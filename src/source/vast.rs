@@ -91,6 +91,11 @@ impl KeySource for VastSource {
 
 /// Parses a 200 body into key entries. An error means the body is not one of
 /// the accepted shapes, which is transient (the list is not known).
+///
+/// A live element that is not an object with a key text makes the whole
+/// answer unreadable rather than being skipped: were it skipped, a renamed
+/// field in the API (or a million `{}`) would read as "no keys" and revoke
+/// every key on every instance.
 pub fn parse_list(body: &[u8]) -> Result<Vec<String>, String> {
     let value: Value = serde_json::from_slice(body).map_err(|e| format!("bad JSON in answer: {e}"))?;
     let elements = match &value {
@@ -104,8 +109,7 @@ pub fn parse_list(body: &[u8]) -> Result<Vec<String>, String> {
     let mut entries = Vec::with_capacity(elements.len());
     for (index, element) in elements.iter().enumerate() {
         let Value::Object(obj) = element else {
-            tracing::warn!(index, "skipping list element that is not an object");
-            continue;
+            return Err(format!("list element {index} is not an object"));
         };
         if obj.get("deleted_at").is_some_and(|d| !d.is_null()) {
             continue;
@@ -115,7 +119,7 @@ pub fn parse_list(body: &[u8]) -> Result<Vec<String>, String> {
             .find_map(|field| obj.get(*field).and_then(Value::as_str));
         match text {
             Some(text) => entries.push(text.to_string()),
-            None => tracing::warn!(index, "skipping list element without a key text"),
+            None => return Err(format!("list element {index} has no key text (public_key, key or ssh_key)")),
         }
     }
     Ok(entries)
@@ -172,8 +176,17 @@ mod tests {
 
     #[test]
     fn field_precedence_public_key_then_key_then_ssh_key() {
-        let body = br#"[{"ssh_key":"c","key":"b","public_key":"a"},{"ssh_key":"c","key":"b"},{"ssh_key":"c"},{"id":1},{"key":5},7]"#;
-        assert_eq!(parse_list(body).unwrap(), ["a", "b", "c"]);
+        let body = br#"[{"ssh_key":"c","key":"b","public_key":"a"},{"ssh_key":"c","key":"b"},{"ssh_key":"c"},{"public_key":null,"key":"d"}]"#;
+        assert_eq!(parse_list(body).unwrap(), ["a", "b", "c", "d"]);
+    }
+
+    #[test]
+    fn an_unreadable_element_makes_the_answer_an_error_not_a_shorter_list() {
+        for body in [&br#"[{"key":"a"},{"id":1}]"#[..], br#"[{"key":"a"},{"key":5}]"#, br#"[{"key":"a"},7]"#, br#"[{}]"#] {
+            assert!(parse_list(body).is_err(), "{}", String::from_utf8_lossy(body));
+        }
+        // A soft-deleted element needs no key text.
+        assert_eq!(parse_list(br#"[{"key":"a"},{"id":1,"deleted_at":"2026-01-01T00:00:00Z"}]"#).unwrap(), ["a"]);
     }
 
     #[test]
