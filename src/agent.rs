@@ -999,14 +999,17 @@ fn spawn_file_watch(daemon: &Daemon, path: &Path, nudge: mpsc::Sender<()>, cance
 }
 
 /// Full-jitter backoff after `failures` (≥ 1) failures in a row: uniform in
-/// [0, cap], where the cap doubles from `interval` (1st failure: `interval`,
-/// 2nd: 2·`interval`, …) up to `max_backoff`. A server's `Retry-After` is
-/// honoured by adding the jittered wait to it: a plain floor would send every
-/// agent that was told "come back in 30 s" back at the same second.
+/// [0, cap], the cap doubling from `interval` (2·`interval` after the first
+/// failure, 4·`interval` after the second, …) up to `max_backoff`. Starting
+/// at 2·`interval` makes the mean wait (cap / 2) never shorter than the poll
+/// interval, so an outage never raises a fleet's request rate. A server's
+/// `Retry-After` is honoured by adding the jittered wait to it: as a plain
+/// floor it would turn every short draw into the same wait, and agents told
+/// "come back in 30 s" at the same moment would come back together.
 pub fn backoff(settings: &SourceSettings, failures: u32, retry_after: Option<Duration>) -> Duration {
     let cap = settings
         .interval
-        .saturating_mul(2u32.saturating_pow(failures.saturating_sub(1).min(30)))
+        .saturating_mul(2u32.saturating_pow(failures.min(30)))
         .min(settings.max_backoff.max(settings.interval));
     let jittered = cap.mul_f64(fastrand::f64());
     retry_after.unwrap_or(Duration::ZERO).saturating_add(jittered)
@@ -1570,5 +1573,82 @@ mod service_tests {
         let mut buf = [0u8; 256];
         let len = rx.recv(&mut buf).expect("recv");
         assert_eq!(&buf[..len], b"STATUS=line one line two\n");
+    }
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    //! The waits of the fetch loop: what a fleet's request rate depends on.
+
+    use super::*;
+
+    fn source(interval: Duration, max_backoff: Duration) -> SourceSettings {
+        SourceSettings {
+            name: "a".into(),
+            kind: config::SourceKind::File { path: PathBuf::from("/x") },
+            interval,
+            jitter: Duration::ZERO,
+            timeout: Duration::from_secs(10),
+            max_body: 1 << 20,
+            max_backoff,
+            subscribe_url: None,
+            resync: Duration::from_secs(600),
+            ca_file: None,
+        }
+    }
+
+    fn draws(n: usize, mut f: impl FnMut() -> Duration) -> (Duration, Duration, Duration) {
+        let v: Vec<Duration> = (0..n).map(|_| f()).collect();
+        let min = v.iter().min().copied().unwrap_or_default();
+        let max = v.iter().max().copied().unwrap_or_default();
+        let mean = v.iter().sum::<Duration>() / n as u32;
+        (min, mean, max)
+    }
+
+    #[test]
+    fn full_jitter_with_a_doubling_cap() {
+        let s = source(Duration::from_secs(2), Duration::from_secs(10));
+        for (failures, cap) in [(1, 4), (2, 8), (3, 10), (10, 10), (u32::MAX, 10)] {
+            let cap = Duration::from_secs(cap);
+            let (min, mean, max) = draws(20_000, || backoff(&s, failures, None));
+            assert!(max <= cap, "failures {failures}: {max:?} over the cap {cap:?}");
+            // Full jitter: the whole range is used, the mean is half the cap.
+            assert!(min < cap / 20, "failures {failures}: min {min:?}");
+            assert!(max > cap.mul_f64(0.95), "failures {failures}: max {max:?}");
+            let half = cap.as_secs_f64() / 2.0;
+            assert!((mean.as_secs_f64() - half).abs() < half * 0.05, "failures {failures}: mean {mean:?}");
+        }
+    }
+
+    #[test]
+    fn an_outage_never_raises_the_request_rate() {
+        // The mean wait after any number of failures is at least the interval.
+        let s = source(Duration::from_secs(60), Duration::from_secs(300));
+        for failures in 1..8 {
+            let (_, mean, _) = draws(20_000, || backoff(&s, failures, None));
+            assert!(mean.as_secs_f64() >= 60.0 * 0.95, "failures {failures}: mean {mean:?}");
+        }
+    }
+
+    #[test]
+    fn retry_after_is_honoured_and_still_spread() {
+        let s = source(Duration::from_secs(2), Duration::from_secs(10));
+        let ra = Duration::from_secs(30);
+        let (min, _, max) = draws(20_000, || backoff(&s, 1, Some(ra)));
+        assert!(min >= ra, "{min:?}");
+        assert!(max <= ra + Duration::from_secs(4), "{max:?}");
+        // Not all at the same instant: spread over the first cap after it.
+        assert!(max - min > Duration::from_secs(3), "{min:?}..{max:?}");
+    }
+
+    #[test]
+    fn jitter_is_uniform_around_the_interval() {
+        let (min, mean, max) = draws(20_000, || jittered(Duration::from_secs(2), Duration::from_secs(1)));
+        assert!(min >= Duration::from_secs(1) && max <= Duration::from_secs(3), "{min:?}..{max:?}");
+        assert!((mean.as_secs_f64() - 2.0).abs() < 0.05, "{mean:?}");
+        assert_eq!(jittered(Duration::from_secs(2), Duration::ZERO), Duration::from_secs(2));
+        // A jitter as large as the interval never makes a zero wait.
+        let (min, _, _) = draws(20_000, || jittered(Duration::from_secs(1), Duration::from_secs(1)));
+        assert!(min >= Duration::from_millis(100), "{min:?}");
     }
 }

@@ -1,0 +1,11 @@
+//! Fuzzes vast::parse_list and vast::says_no_ssh_keys; the properties are in fuzz/props.rs,
+//! shared with tests/fuzz_replay.rs.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+#[path = "../props.rs"]
+mod props;
+
+fuzz_target!(|data: &[u8]| props::check_vast(data));

@@ -1,0 +1,360 @@
+//! Crash consistency (DESIGN.md §4: "a reader sees the old file or the new
+//! one, never a mix"). For at least 30 s the fake control plane flips between
+//! two disjoint 300-key lists every 50 ms, so every flip is a mass removal the
+//! agent must confirm; the real `keysync run` is SIGKILLed at random moments
+//! (at least 30 times) and restarted, while a reader thread reads the target,
+//! the hook cache and the persisted last-good state in a tight loop. Every
+//! read must be whole: the foreign lines byte for byte around exactly one
+//! block holding exactly one of the two lists. Afterwards the agent still
+//! converges, and `.keysync.*` leftovers of the kills are gone after the next
+//! start, even when that start has nothing to write.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use support::agent::{Agent, TestEnv, eventually};
+use support::fake_cp::{FakeControlPlane, gen_ed25519_keys};
+
+/// Generous deadline for "eventually" conditions on a loaded 2-core machine.
+const DEADLINE: Duration = Duration::from_secs(20);
+/// How long keys flip and the agent is killed, at the least.
+const CHAOS: Duration = Duration::from_secs(30);
+const MIN_KILLS: usize = 30;
+
+const BEGIN: &str = "# BEGIN keysync managed keys: edits inside this block are overwritten";
+const END: &str = "# END keysync managed keys";
+/// Lines another writer owns, before and after the block.
+const BEFORE: &str = "# added by the platform\nssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIN7rZ17cV9ag1ih2ph/mjt/dQyeQsJHFDMID9ZaAPkRi platform@host\n";
+const AFTER: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFRzugNBd+MDtj+CrHEVbfNBi8jOKFGD1yT48UoTK0oN by-hand\r\n";
+
+/// Runs a blocking test body off the runtime that serves the fake control
+/// plane, re-raising its panic so the assertion message is the test's.
+async fn blocking(body: impl FnOnce() + Send + 'static) {
+    if let Err(e) = tokio::task::spawn_blocking(body).await {
+        match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => panic!("test body did not finish: {e}"),
+        }
+    }
+}
+
+fn sorted(keys: &[String]) -> Vec<String> {
+    let mut v = keys.to_vec();
+    v.sort();
+    v
+}
+
+/// Which of the two sorted lists `lines` is, if either.
+fn which(lines: &[String], sets: &[Vec<String>; 2]) -> Option<usize> {
+    let got = sorted(lines);
+    sets.iter().position(|s| *s == got)
+}
+
+/// A whole target file: BEFORE, one block holding one of the lists, AFTER.
+fn classify_target(bytes: &[u8], sets: &[Vec<String>; 2]) -> Result<usize, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_string())?;
+    let middle = text
+        .strip_prefix(BEFORE)
+        .ok_or("the foreign lines before the block are not intact")?
+        .strip_suffix(AFTER)
+        .ok_or("the foreign line after the block is not intact")?;
+    let keys = middle
+        .strip_prefix(&format!("{BEGIN}\n"))
+        .ok_or("no BEGIN marker right after the foreign lines")?
+        .strip_suffix(&format!("{END}\n"))
+        .ok_or("no END marker right before the foreign line")?;
+    let lines: Vec<String> = keys.lines().map(str::to_string).collect();
+    if lines.iter().any(|l| l.starts_with("# ")) {
+        return Err("a second marker inside the block".into());
+    }
+    which(&lines, sets)
+        .ok_or_else(|| format!("the block holds {} keys of neither list", lines.len()))
+}
+
+/// The hook cache: exactly one of the lists, one key per line.
+fn classify_cache(bytes: &[u8], sets: &[Vec<String>; 2]) -> Result<usize, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_string())?;
+    if !text.ends_with('\n') {
+        return Err("no final newline".into());
+    }
+    let lines: Vec<String> = text.lines().map(str::to_string).collect();
+    which(&lines, sets).ok_or_else(|| format!("{} keys of neither list", lines.len()))
+}
+
+/// The persisted last good answer: valid JSON whose keys are one of the lists.
+fn classify_state(bytes: &[u8], sets: &[Vec<String>; 2]) -> Result<usize, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("bad JSON: {e}"))?;
+    let keys: Vec<String> = value["keys"]
+        .as_array()
+        .ok_or("no keys array")?
+        .iter()
+        .map(|k| k.as_str().unwrap_or_default().to_string())
+        .collect();
+    which(&keys, sets).ok_or_else(|| format!("{} keys of neither list", keys.len()))
+}
+
+/// Tells which list a file's bytes hold, or why they are torn.
+type Classify = fn(&[u8], &[Vec<String>; 2]) -> Result<usize, String>;
+
+/// What the reader saw.
+#[derive(Default)]
+struct Seen {
+    reads: AtomicU64,
+    /// Reads of the target that showed each list (proves both were written).
+    target_a: AtomicU64,
+    target_b: AtomicU64,
+    torn: std::sync::Mutex<Vec<String>>,
+}
+
+/// Reads the three files in a tight loop until `stop`. The target starts
+/// as `initial` (allowed until the first whole write is seen); the state
+/// files may be absent until the agent first writes them.
+fn reader(
+    files: [PathBuf; 3],
+    initial: Vec<u8>,
+    sets: [Vec<String>; 2],
+    stop: Arc<AtomicBool>,
+    seen: Arc<Seen>,
+) {
+    let [target, cache, state] = files;
+    let mut target_written = false;
+    let mut cache_written = false;
+    let mut state_written = false;
+    let torn = |what: String| {
+        let mut list = seen.torn.lock().unwrap_or_else(|p| p.into_inner());
+        if list.len() < 20 {
+            list.push(what);
+        } else if list.len() == 20 {
+            list.push("…".into());
+        }
+    };
+    while !stop.load(Ordering::Relaxed) {
+        seen.reads.fetch_add(1, Ordering::Relaxed);
+        match std::fs::read(&target) {
+            Ok(bytes) if !target_written && bytes == initial => {}
+            Ok(bytes) => match classify_target(&bytes, &sets) {
+                Ok(i) => {
+                    target_written = true;
+                    let counter = if i == 0 {
+                        &seen.target_a
+                    } else {
+                        &seen.target_b
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(why) => torn(format!(
+                    "target: {why}: {:?}",
+                    String::from_utf8_lossy(&bytes[..bytes.len().min(300)])
+                )),
+            },
+            Err(e) => torn(format!("target unreadable: {e}")),
+        }
+        for (path, written, classify) in [
+            (&cache, &mut cache_written, classify_cache as Classify),
+            (&state, &mut state_written, classify_state),
+        ] {
+            match std::fs::read(path) {
+                Ok(bytes) => {
+                    *written = true;
+                    if let Err(why) = classify(&bytes, &sets) {
+                        torn(format!("{}: {why}", path.display()));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !*written => {}
+                Err(e) => torn(format!("{} unreadable: {e}", path.display())),
+            }
+        }
+    }
+}
+
+/// `.keysync.*` files in `dirs`.
+fn temp_files(dirs: &[PathBuf]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for dir in dirs {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(".keysync.") {
+                    found.push(entry.path());
+                }
+            }
+        }
+    }
+    found
+}
+
+fn log_tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+fn config(env: &TestEnv, url: &str) -> String {
+    format!(
+        r#"state_dir = "{state}"
+health_socket = "{socket}"
+
+[sources.account]
+kind = "vast"
+url = "{url}"
+api_key_env = "KEYSYNC_TEST_API_KEY"
+interval = "50ms"
+jitter = "0s"
+timeout = "2s"
+max_backoff = "200ms"
+
+[[users]]
+name = "root"
+sources = ["account"]
+write = "block"
+path = "{target}"
+
+[policy]
+confirm_delay = "10ms"
+"#,
+        state = env.state_dir().display(),
+        socket = env.socket().display(),
+        target = env.target().display(),
+    )
+}
+
+/// The agent, quiet: at debug level 600 flips of 300 keys would log gigabytes.
+fn spawn(env: &TestEnv) -> Agent {
+    env.spawn_with(|cmd| {
+        cmd.env("KEYSYNC_LOG", "warn");
+    })
+}
+
+fn holds(path: &Path, classify: Classify, sets: &[Vec<String>; 2], want: usize) -> bool {
+    std::fs::read(path).is_ok_and(|b| classify(&b, sets) == Ok(want))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_at_random_moments_never_tears_a_file() {
+    let cp = FakeControlPlane::start().await;
+    cp.set_token(Some("test-token"));
+    cp.set_empty_is_404(false);
+    blocking(move || {
+        let all = gen_ed25519_keys(600);
+        let lists = [all[..300].to_vec(), all[300..].to_vec()];
+        let sets = [sorted(&lists[0]), sorted(&lists[1])];
+        cp.set_keys(lists[0].clone());
+
+        let env = TestEnv::new();
+        let target = env.target();
+        let ssh = target.parent().expect("parent").to_path_buf();
+        std::fs::create_dir_all(&ssh).expect("mkdir");
+        // The platform's lines and an old block (a key of neither list) that
+        // the agent takes over in place.
+        let initial = format!("{BEFORE}{BEGIN}\nssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIQqCk/WCCVJSnO/aqHWoU9WSh+5VYPMIdi/n06c9h+i old\n{END}\n{AFTER}");
+        std::fs::write(&target, &initial).expect("target");
+        env.write_config(&config(&env, &cp.url()));
+        let cache = env.state_dir().join("users/root.keys");
+        let state = env.state_dir().join("sources/account.json");
+        let temp_dirs = [ssh.clone(), env.state_dir().join("users"), env.state_dir().join("sources")];
+
+        let stop_reader = Arc::new(AtomicBool::new(false));
+        let stop_flips = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Seen::default());
+        let reader = {
+            let files = [target.clone(), cache.clone(), state.clone()];
+            let (initial, sets, stop, seen) = (
+                initial.clone().into_bytes(),
+                sets.clone(),
+                stop_reader.clone(),
+                seen.clone(),
+            );
+            std::thread::spawn(move || reader(files, initial, sets, stop, seen))
+        };
+        // The fake is driven by plain synchronous calls, from its own thread.
+        let cp = Arc::new(cp);
+        let flips = Arc::new(AtomicU64::new(0));
+        let flip_thread = {
+            let (stop, lists, cp, flips) = (
+                stop_flips.clone(),
+                lists.clone(),
+                cp.clone(),
+                flips.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut i = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    i += 1;
+                    cp.set_keys(lists[i % 2].clone());
+                    flips.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+
+        let started = Instant::now();
+        let mut kills = 0usize;
+        let mut kills_leaving_temps = 0usize;
+        let mut agent = spawn(&env);
+        while started.elapsed() < CHAOS || kills < MIN_KILLS {
+            std::thread::sleep(Duration::from_millis(fastrand::u64(20..=1000)));
+            assert!(agent.alive(), "the agent died on its own:\n{}", log_tail(&agent.log_text()));
+            agent.kill();
+            kills += 1;
+            if !temp_files(&temp_dirs).is_empty() {
+                kills_leaving_temps += 1;
+            }
+            agent = spawn(&env);
+        }
+        stop_flips.store(true, Ordering::Relaxed);
+        flip_thread.join().expect("flipper");
+        let flips = flips.load(Ordering::Relaxed);
+
+        // Calm: the last list is B or A; the agent (still running) converges
+        // to it and the reader keeps checking meanwhile.
+        let last = cp.keys();
+        let want = which(&last, &sets).expect("the fake serves one of the lists");
+        let converged = eventually(DEADLINE, || {
+            holds(&target, classify_target, &sets, want)
+                && holds(&cache, classify_cache, &sets, want)
+                && holds(&state, classify_state, &sets, want)
+        });
+        stop_reader.store(true, Ordering::Relaxed);
+        reader.join().expect("reader");
+        let log = agent.log_text();
+        assert!(converged, "no convergence after the chaos:\n{}", log_tail(&log));
+
+        let reads = seen.reads.load(Ordering::Relaxed);
+        let (saw_a, saw_b) = (seen.target_a.load(Ordering::Relaxed), seen.target_b.load(Ordering::Relaxed));
+        eprintln!(
+            "crash: {kills} SIGKILLs ({kills_leaving_temps} left a temp file) in {:.1} s, {flips} flips, \
+             {reads} read rounds (target showed A {saw_a}x, B {saw_b}x), 0 torn reads allowed",
+            started.elapsed().as_secs_f64()
+        );
+        let torn = seen.torn.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert!(torn.is_empty(), "{} torn read(s):\n{}", torn.len(), torn.join("\n"));
+        assert!(saw_a > 0 && saw_b > 0, "the target never showed both lists (A {saw_a}, B {saw_b}): nothing was tested");
+        assert!(!log.contains("ignoring corrupt last good state"), "a kill corrupted the state:\n{}", log_tail(&log));
+
+        // A clean stop, then leftovers as a kill at the worst moment leaves
+        // them (besides any the kills left): the next start removes them
+        // although there is nothing to write.
+        let (status, _) = agent.stop(Duration::from_secs(10));
+        assert!(status.success(), "{status:?}");
+        for dir in &temp_dirs {
+            std::fs::write(dir.join(".keysync.leftover"), b"half a file").expect("plant leftover");
+        }
+        let agent = spawn(&env);
+        let cleaned = eventually(DEADLINE, || temp_files(&temp_dirs).is_empty());
+        assert!(
+            cleaned,
+            "leftovers not removed at start: {:?}\n{}",
+            temp_files(&temp_dirs),
+            log_tail(&agent.log_text())
+        );
+        assert!(holds(&target, classify_target, &sets, want), "the target changed at the quiet start");
+        let (status, _) = agent.stop(Duration::from_secs(10));
+        assert!(status.success(), "{status:?}");
+        assert_eq!(temp_files(&temp_dirs), Vec::<PathBuf>::new(), "temp files after a clean stop");
+    })
+    .await;
+}
