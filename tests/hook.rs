@@ -1,0 +1,464 @@
+//! The `authorized-keys` hook (DESIGN.md §3) against real cache files: what
+//! it prints, what it prints for users and state dirs that are not there,
+//! the `%f` fingerprint filter, its argument forms, that it never reads the
+//! config, and that a cache replaced by rename is never seen half-written.
+//!
+//! Fingerprints come from `ssh-keygen -l -E sha256`, the same format sshd
+//! passes for `%f`, so the filter is checked against OpenSSH, not against
+//! the crate the hook itself uses.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use support::agent::{TestEnv, bin, eventually};
+use support::fake_cp::{FakeControlPlane, fixture_keys, gen_ed25519_keys};
+
+/// Runs the real binary as sshd would: no stdin, stdout and stderr captured.
+fn hook(args: &[&str]) -> Output {
+    hook_with(args, |_| {})
+}
+
+fn hook_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.arg("authorized-keys").args(args).stdin(Stdio::null());
+    adjust(&mut cmd);
+    cmd.output().expect("run keysync authorized-keys")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The name of the user running the tests: the agent can write a cache for
+/// it with or without root.
+fn me() -> String {
+    let uid = nix::unistd::getuid();
+    nix::unistd::User::from_uid(uid)
+        .expect("getpwuid")
+        .expect("the test user has a passwd entry")
+        .name
+}
+
+/// Writes `<state>/users/<user>.keys` directly, as the agent's writer
+/// would end up with it.
+fn write_cache(state: &Path, user: &str, content: &str) -> PathBuf {
+    let users = state.join("users");
+    std::fs::create_dir_all(&users).expect("mkdir users");
+    let path = users.join(format!("{user}.keys"));
+    std::fs::write(&path, content).expect("write cache");
+    path
+}
+
+fn lines(keys: &[impl AsRef<str>]) -> String {
+    keys.iter().map(|k| format!("{}\n", k.as_ref())).collect()
+}
+
+/// `SHA256:…` of a public key line, computed by OpenSSH's ssh-keygen.
+fn openssh_fingerprint(dir: &Path, key_line: &str) -> String {
+    let file = dir.join(format!("fpr-{}.pub", fastrand::u64(..)));
+    std::fs::write(&file, format!("{key_line}\n")).expect("write key file");
+    let out = Command::new("ssh-keygen")
+        .args(["-l", "-E", "sha256", "-f"])
+        .arg(&file)
+        .output()
+        .expect("ssh-keygen (openssh-client) must be installed");
+    assert!(out.status.success(), "ssh-keygen -l: {}", text(&out.stderr));
+    let listing = text(&out.stdout);
+    // "256 SHA256:… comment (ED25519)"
+    let fpr = listing
+        .split_whitespace()
+        .nth(1)
+        .expect("fingerprint field")
+        .to_string();
+    assert!(
+        fpr.starts_with("SHA256:"),
+        "unexpected ssh-keygen output {listing:?}"
+    );
+    fpr
+}
+
+/// Config for one vast source and the current user in `none` mode (only the
+/// cache is written), so the agent needs no root for it.
+fn none_mode_config(env: &TestEnv, url: &str, user: &str, options: Option<&str>) -> String {
+    let options = options
+        .map(|o| format!("options = \"{o}\"\n"))
+        .unwrap_or_default();
+    format!(
+        r#"state_dir = "{state}"
+health_socket = "{socket}"
+
+[sources.account]
+kind = "vast"
+url = "{url}"
+api_key_env = "KEYSYNC_TEST_API_KEY"
+interval = "200ms"
+jitter = "0s"
+timeout = "2s"
+
+[[users]]
+name = "{user}"
+sources = ["account"]
+write = "none"
+{options}
+[policy]
+confirm_delay = "300ms"
+"#,
+        state = env.state_dir().display(),
+        socket = env.socket().display(),
+    )
+}
+
+/// Syncs once through the real agent against a fake control plane serving
+/// `keys`; returns the env (whose state dir now holds the cache).
+async fn synced_env(keys: Vec<String>, user: String, options: Option<&'static str>) -> TestEnv {
+    let cp = FakeControlPlane::start().await;
+    cp.set_token(Some("test-token"));
+    cp.set_keys(keys);
+    let env = TestEnv::new();
+    env.write_config(&none_mode_config(&env, &cp.url(), &user, options));
+    // The binary blocks; keep it off the runtime that serves the fake.
+    let (env, out) = tokio::task::spawn_blocking(move || {
+        let out = env.run_once();
+        (env, out)
+    })
+    .await
+    .expect("join");
+    assert!(
+        out.status.success(),
+        "run --once failed: {}",
+        text(&out.stderr)
+    );
+    env
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prints_exactly_the_cache_the_agent_wrote() {
+    let [alice, bob, _] = fixture_keys();
+    let user = me();
+    let env = synced_env(vec![alice.into(), bob.into()], user.clone(), None).await;
+    let cache = env.cache(&user).expect("run --once wrote the cache");
+    assert_eq!(
+        cache,
+        lines(&[alice, bob]),
+        "the cache holds the account's keys"
+    );
+
+    let state = env.state_dir();
+    let out = hook(&["--state-dir", state.to_str().expect("utf-8"), &user]);
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status,
+        text(&out.stderr)
+    );
+    assert_eq!(
+        text(&out.stdout),
+        cache,
+        "the hook prints the cache byte for byte"
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "nothing on stderr: {}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn unknown_user_prints_nothing_and_exits_0() {
+    let env = TestEnv::new();
+    let state = env.state_dir();
+    let [alice, ..] = fixture_keys();
+    write_cache(&state, "alice", &lines(&[alice]));
+    let state = state.to_str().expect("utf-8");
+    // Names that must not resolve to any cache, including ones that try to
+    // leave the users directory.
+    for user in [
+        "nobody-here",
+        "alic",
+        "alice.keys",
+        "../users/alice",
+        ".alice",
+        "users/alice",
+    ] {
+        let out = hook(&["--state-dir", state, user]);
+        assert_eq!(out.status.code(), Some(0), "{user}: exit {:?}", out.status);
+        assert!(
+            out.stdout.is_empty(),
+            "{user}: printed {:?}",
+            text(&out.stdout)
+        );
+        assert!(
+            out.stderr.is_empty(),
+            "{user}: stderr {:?}",
+            text(&out.stderr)
+        );
+    }
+    // And the cache that is there is found (the loop above is not vacuous).
+    let out = hook(&["--state-dir", state, "alice"]);
+    assert_eq!(text(&out.stdout), lines(&[alice]));
+}
+
+#[test]
+fn missing_state_dir_prints_nothing_and_exits_0_without_waiting() {
+    let env = TestEnv::new();
+    for state in [
+        env.path().join("no-such-state"),
+        env.path().join("state-without-users"),
+    ] {
+        if state.ends_with("state-without-users") {
+            std::fs::create_dir(&state).expect("mkdir");
+        }
+        let mut child = Command::new(bin())
+            .arg("authorized-keys")
+            .arg(format!("--state-dir={}", state.display()))
+            .arg("root")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        // "Promptly" means it does not wait for anything (no network, no
+        // retries): it has exited long before this generous deadline.
+        let exited = eventually(Duration::from_secs(10), || {
+            matches!(child.try_wait(), Ok(Some(_)))
+        });
+        if !exited {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output().expect("wait");
+        assert!(
+            exited,
+            "{}: the hook was still running after 10 s",
+            state.display()
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}: exit {:?}",
+            state.display(),
+            out.status
+        );
+        assert!(out.stdout.is_empty(), "printed {:?}", text(&out.stdout));
+        assert!(out.stderr.is_empty(), "stderr {:?}", text(&out.stderr));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fingerprint_filter_prints_only_the_matching_key() {
+    let [alice, bob, retired] = fixture_keys();
+    let generated = gen_ed25519_keys(3);
+    let keys: Vec<String> = [alice.to_string(), bob.to_string()]
+        .into_iter()
+        .chain(generated.iter().cloned())
+        .collect();
+    let user = me();
+    // Per-user options are part of the cached line: the filter must match
+    // the key behind them and print the whole line, options included.
+    let env = synced_env(keys.clone(), user.clone(), Some("no-agent-forwarding")).await;
+    let cache = env.cache(&user).expect("cache");
+    let cached: Vec<&str> = cache.lines().collect();
+    assert_eq!(cached.len(), keys.len(), "cache: {cache}");
+    let state = env.state_dir();
+    let state = state.to_str().expect("utf-8");
+
+    for (key, line) in keys.iter().zip(&cached) {
+        assert_eq!(*line, format!("no-agent-forwarding {key}"));
+        let fpr = openssh_fingerprint(env.path(), key);
+        let out = hook(&["--state-dir", state, &user, &fpr]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "exit {:?}: {}",
+            out.status,
+            text(&out.stderr)
+        );
+        assert_eq!(
+            text(&out.stdout),
+            format!("{line}\n"),
+            "only the key with {fpr}"
+        );
+    }
+
+    // A well-formed fingerprint of a key that is not cached: nothing.
+    let absent = openssh_fingerprint(env.path(), retired);
+    let out = hook(&["--state-dir", state, &user, &absent]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        out.stdout.is_empty(),
+        "unknown fingerprint printed {:?}",
+        text(&out.stdout)
+    );
+    // Not a fingerprint at all, and the right one in the wrong hash (MD5).
+    for junk in ["SHA256:", "garbage", "MD5:00:11:22"] {
+        let out = hook(&["--state-dir", state, &user, junk]);
+        assert_eq!(out.status.code(), Some(0), "{junk}");
+        assert!(
+            out.stdout.is_empty(),
+            "{junk} printed {:?}",
+            text(&out.stdout)
+        );
+    }
+    // A fingerprint for a user without a cache: nothing.
+    let fpr = openssh_fingerprint(env.path(), alice);
+    let out = hook(&["--state-dir", state, "no-such-user", &fpr]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn state_dir_option_forms_agree() {
+    let env = TestEnv::new();
+    let state = env.state_dir();
+    let keys = gen_ed25519_keys(5);
+    let expected = lines(&keys);
+    write_cache(&state, "carol", &expected);
+    let dir = state.to_str().expect("utf-8");
+    let joined = format!("--state-dir={dir}");
+    let forms: [&[&str]; 5] = [
+        &["--state-dir", dir, "carol"],
+        &[&joined, "carol"],
+        &["carol", "--state-dir", dir],
+        &["carol", &joined],
+        // `--` is not on the fast path: clap parses it, same answer.
+        &["--state-dir", dir, "--", "carol"],
+    ];
+    for args in forms {
+        let out = hook(args);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert_eq!(text(&out.stdout), expected, "{args:?}");
+    }
+}
+
+#[test]
+fn reads_no_config() {
+    let env = TestEnv::new();
+    let state = env.state_dir();
+    let keys = gen_ed25519_keys(2);
+    write_cache(&state, "dave", &lines(&keys));
+    // A config that would exit 2 for any command that loads it.
+    let broken = env.path().join("broken.toml");
+    std::fs::write(
+        &broken,
+        "state_dir = [\nthis is not toml\n[[users]]\nname = 7\n",
+    )
+    .expect("write");
+    let check = Command::new(bin())
+        .args(["check-config", "--config"])
+        .arg(&broken)
+        .output()
+        .expect("check-config");
+    assert_eq!(
+        check.status.code(),
+        Some(2),
+        "the broken config is really broken"
+    );
+
+    let dir = state.to_str().expect("utf-8");
+    for args in [
+        &["--state-dir", dir, "dave"][..],
+        &["--state-dir", dir, "--", "dave"][..],
+    ] {
+        let out = hook_with(args, |cmd| {
+            cmd.env("KEYSYNC_CONFIG", &broken);
+        });
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert_eq!(text(&out.stdout), lines(&keys), "{args:?}");
+        assert!(
+            out.stderr.is_empty(),
+            "{args:?}: stderr {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+/// While a writer keeps replacing the cache by rename (temp file in the same
+/// directory, then rename, as the agent does), every hook run prints one of
+/// the two contents whole: never a mix, never a truncated file.
+#[test]
+fn a_cache_replaced_by_rename_is_never_read_torn() {
+    const MIN_RENAMES: usize = 2_000;
+    const MIN_RUNS: usize = 400;
+    let env = TestEnv::new();
+    let state = env.state_dir();
+    let small = lines(&gen_ed25519_keys(10));
+    let big = lines(&gen_ed25519_keys(10_000));
+    let target = write_cache(&state, "erin", &small);
+    let users = target.parent().expect("users dir").to_path_buf();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let renames = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (stop, renames) = (stop.clone(), renames.clone());
+        let (small, big) = (small.clone(), big.clone());
+        std::thread::spawn(move || {
+            let temp = users.join(".keysync.torn-test");
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let content = if i.is_multiple_of(2) { &big } else { &small };
+                std::fs::write(&temp, content).expect("write temp");
+                std::fs::rename(&temp, &target).expect("rename");
+                i += 1;
+                renames.store(i, Ordering::Relaxed);
+            }
+        })
+    };
+
+    let dir = state.to_str().expect("utf-8").to_string();
+    let (mut runs, mut saw_small, mut saw_big) = (0usize, 0usize, 0usize);
+    let mut failure = None;
+    // A deadline only so a broken writer cannot hang the suite; on a healthy
+    // machine the counts are reached in a few seconds.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let enough = |runs: usize, small: usize, big: usize| {
+        runs >= MIN_RUNS && renames.load(Ordering::Relaxed) >= MIN_RENAMES && small > 0 && big > 0
+    };
+    while !enough(runs, saw_small, saw_big) && Instant::now() < deadline {
+        let out = hook(&["--state-dir", &dir, "erin"]);
+        runs += 1;
+        if out.status.code() != Some(0) {
+            failure = Some(format!(
+                "run {runs}: exit {:?}: {}",
+                out.status,
+                text(&out.stderr)
+            ));
+            break;
+        }
+        if out.stdout == small.as_bytes() {
+            saw_small += 1;
+        } else if out.stdout == big.as_bytes() {
+            saw_big += 1;
+        } else {
+            failure = Some(format!(
+                "run {runs}: torn read: {} bytes, neither {} nor {}",
+                out.stdout.len(),
+                small.len(),
+                big.len()
+            ));
+            break;
+        }
+    }
+    let done = enough(runs, saw_small, saw_big);
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("writer thread");
+    let renames = renames.load(Ordering::Relaxed);
+    assert_eq!(failure, None, "after {renames} renames");
+    assert!(
+        done,
+        "not enough overlap: {runs} runs (small {saw_small}, big {saw_big}) over {renames} renames"
+    );
+}

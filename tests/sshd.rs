@@ -1,0 +1,639 @@
+//! Real OpenSSH logins through each write mode (DESIGN.md §4): a private
+//! `sshd` on 127.0.0.1, a real unprivileged user made with `useradd -m`,
+//! client keys from `ssh-keygen`, the key list served by the fake control
+//! plane and synced with `keysync run --once`.
+//!
+//! In every mode a key added on the account logs in after the next sync, and
+//! a key deleted on the account is refused after the next one (ssh exits 255
+//! with "Permission denied"): first proved to work, then deleted, so the
+//! refusal cannot pass vacuously. In `block` and `fragment` mode a key the
+//! user put into `~/.ssh/authorized_keys` by hand keeps working throughout.
+//! In `none` mode sshd has no AuthorizedKeysFile at all and every login goes
+//! through `keysync authorized-keys`, run by sshd as an unprivileged
+//! AuthorizedKeysCommandUser, with `%u` (as the shipped drop-in) and `%u %f`.
+//!
+//! Needs root (useradd, sshd, the agent's fsuid switch). Without root the
+//! tests say so loudly and pass, except under CI=true, where they fail.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use support::agent::{TestEnv, bin, block_keys, eventually, is_root};
+use support::fake_cp::FakeControlPlane;
+
+const SSHD: &str = "/usr/sbin/sshd";
+
+/// True when the test can run; false (after a loud message) when it must
+/// be skipped on a developer machine. Under CI it panics instead.
+fn can_run(test: &str) -> bool {
+    let missing = if !is_root() {
+        Some("it must run as root (useradd, sshd)")
+    } else if !Path::new(SSHD).exists() {
+        Some("openssh-server is not installed (/usr/sbin/sshd)")
+    } else {
+        None
+    };
+    let Some(why) = missing else { return true };
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: {why}; under CI this test must run");
+    }
+    eprintln!("\n!!!!!!!! SKIPPED {test}: {why} !!!!!!!!\n");
+    false
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
+}
+
+/// useradd/usermod/userdel lock /etc/passwd; tests in this binary run in
+/// parallel, so they take turns, and retry when another process holds it.
+static ACCOUNTS: Mutex<()> = Mutex::new(());
+
+fn account_command(program: &str, args: &[&str]) -> Output {
+    let _turn = ACCOUNTS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut last = None;
+    eventually(Duration::from_secs(20), || {
+        let out = Command::new(program).args(args).output().expect(program);
+        // 1 is "cannot lock /etc/passwd; try again later" (and other
+        // update failures); anything else is final.
+        let retry = out.status.code() == Some(1);
+        last = Some(out);
+        !retry
+    });
+    last.expect("ran at least once")
+}
+
+/// A real account, removed with its home on drop.
+struct TestUser {
+    name: String,
+    uid: u32,
+    gid: u32,
+    home: PathBuf,
+}
+
+impl TestUser {
+    /// `useradd -m` with a normal home under /home and a shell, unlocked
+    /// for public-key logins (password `*`: no password works, the account
+    /// is not locked, which sshd checks without PAM).
+    fn login_user(name: &str) -> TestUser {
+        Self::create(name, &["-m", "-s", "/bin/sh"]);
+        let out = account_command("usermod", &["-p", "*", name]);
+        assert!(out.status.success(), "usermod -p: {}", text(&out.stderr));
+        Self::lookup(name)
+    }
+
+    /// A user with no home and no shell that may read root-group files: the
+    /// stand-in for the packaged `keysync` user, whose group owns the caches
+    /// (here the caches are root:root 0640, as without a keysync group).
+    fn hook_user(name: &str) -> TestUser {
+        Self::create(name, &["-M", "-s", "/usr/sbin/nologin", "-G", "root"]);
+        Self::lookup(name)
+    }
+
+    fn create(name: &str, flags: &[&str]) {
+        let mut args = flags.to_vec();
+        args.push(name);
+        let mut out = account_command("useradd", &args);
+        if out.status.code() == Some(9) {
+            // Left over from a crashed run with the same pid.
+            let _ = account_command("userdel", &["-r", name]);
+            out = account_command("useradd", &args);
+        }
+        assert!(
+            out.status.success(),
+            "useradd {args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+
+    fn lookup(name: &str) -> TestUser {
+        let user = nix::unistd::User::from_name(name)
+            .expect("getpwnam")
+            .unwrap_or_else(|| panic!("{name} was just created"));
+        TestUser {
+            name: name.to_string(),
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+            home: user.dir,
+        }
+    }
+
+    /// Writes `~/.ssh/<file>` the way the user would by hand: .ssh 0700 and
+    /// the file 0600, both owned by the user.
+    fn write_by_hand(&self, file: &str, content: &str) {
+        let ssh = self.home.join(".ssh");
+        std::fs::create_dir_all(&ssh).expect("mkdir .ssh");
+        let path = ssh.join(file);
+        std::fs::write(&path, content).expect("write by hand");
+        for (p, mode) in [(&ssh, 0o700), (&path, 0o600)] {
+            chmod(p, mode);
+            std::os::unix::fs::chown(p, Some(self.uid), Some(self.gid)).expect("chown");
+        }
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let out = account_command("userdel", &["-r", &self.name]);
+        if !out.status.success() {
+            eprintln!("warning: userdel -r {}: {}", self.name, text(&out.stderr));
+        }
+    }
+}
+
+/// An ed25519 client key made by ssh-keygen.
+struct ClientKey {
+    private: PathBuf,
+    /// The `.pub` line: `ssh-ed25519 AAAA… <comment>`.
+    public: String,
+}
+
+fn client_key(dir: &Path, name: &str) -> ClientKey {
+    let private = dir.join(name);
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C"])
+        .arg(format!("{name}@keysync-test"))
+        .arg("-f")
+        .arg(&private)
+        .output()
+        .expect("ssh-keygen");
+    assert!(out.status.success(), "ssh-keygen: {}", text(&out.stderr));
+    let public = std::fs::read_to_string(private.with_extension("pub")).expect("read .pub");
+    ClientKey {
+        private,
+        public: public.trim_end().to_string(),
+    }
+}
+
+/// The AuthorizedKeysCommand binary. sshd refuses a command unless it and
+/// every parent directory are root-owned and not group/world-writable, which
+/// rules out /tmp (1777) and possibly the cargo target dir: the binary is
+/// linked (or copied) into a fresh 0755 directory under /run.
+struct HookBinary {
+    dir: tempfile::TempDir,
+}
+
+impl HookBinary {
+    fn install() -> HookBinary {
+        let dir = tempfile::Builder::new()
+            .prefix("keysync-akc-")
+            .tempdir_in("/run")
+            .expect("tempdir in /run");
+        chmod(dir.path(), 0o755);
+        let path = dir.path().join("keysync");
+        let built = bin();
+        let meta = std::fs::metadata(&built).expect("stat the built binary");
+        use std::os::unix::fs::MetadataExt;
+        let safe = meta.uid() == 0 && meta.mode() & 0o022 == 0;
+        // A hard link shares the (root-owned, 0755) inode and costs nothing;
+        // across file systems, or with unsafe modes, copy.
+        if !(safe && std::fs::hard_link(&built, &path).is_ok()) {
+            std::fs::copy(&built, &path).expect("copy the binary");
+            chmod(&path, 0o755);
+        }
+        HookBinary { dir }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("keysync")
+    }
+}
+
+/// A private sshd, stopped on drop.
+struct Sshd {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Sshd {
+    /// Starts `sshd -D -e` with `config` (its `Port` comes from `-p`) and
+    /// waits until it listens. A port taken between picking and binding is
+    /// retried with another.
+    fn start(dir: &Path, config: &str) -> Sshd {
+        std::fs::create_dir_all("/run/sshd").expect("mkdir /run/sshd (privilege separation)");
+        let config_path = dir.join("sshd_config");
+        std::fs::write(&config_path, config).expect("write sshd_config");
+        let log = dir.join("sshd.log");
+        let mut last_log = String::new();
+        for _attempt in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("pick a port")
+                .port();
+            let log_file = std::fs::File::create(&log).expect("sshd log");
+            // sshd re-executes itself per connection: it needs its absolute path.
+            let mut child = Command::new(SSHD)
+                .args(["-D", "-e", "-f"])
+                .arg(&config_path)
+                .arg("-p")
+                .arg(port.to_string())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log_file)
+                .spawn()
+                .expect("spawn sshd");
+            let listening = format!("Server listening on 127.0.0.1 port {port}");
+            let mut exited = false;
+            eventually(Duration::from_secs(20), || {
+                exited = matches!(child.try_wait(), Ok(Some(_)));
+                exited || std::fs::read_to_string(&log).is_ok_and(|l| l.contains(&listening))
+            });
+            last_log = std::fs::read_to_string(&log).unwrap_or_default();
+            if !exited && last_log.contains(&listening) {
+                return Sshd { child, port, log };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            if !last_log.contains("Address already in use") {
+                break;
+            }
+        }
+        panic!("sshd did not start:\n{last_log}");
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// `ssh … USER@127.0.0.1 true` with only `key`, no config files, no
+    /// agent, no prompts. Fails the test if it has not finished after 60 s.
+    fn ssh(&self, user: &str, key: &ClientKey) -> Output {
+        let mut child = Command::new("ssh")
+            .args(["-F", "/dev/null", "-i"])
+            .arg(&key.private)
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args([
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "PreferredAuthentications=publickey",
+                "-o",
+                "ConnectTimeout=20",
+                "-o",
+                "LogLevel=ERROR",
+            ])
+            .arg(format!("{user}@127.0.0.1"))
+            .arg("true")
+            .env_remove("SSH_AUTH_SOCK")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ssh");
+        let finished = eventually(Duration::from_secs(60), || {
+            matches!(child.try_wait(), Ok(Some(_)))
+        });
+        if !finished {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output().expect("wait for ssh");
+        assert!(
+            finished,
+            "ssh did not finish within 60 s\nsshd log:\n{}",
+            self.log_tail()
+        );
+        out
+    }
+
+    fn assert_logs_in(&mut self, user: &str, key: &ClientKey, why: &str) {
+        let out = self.ssh(user, key);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{why}: expected `ssh -i {}` to log in (exit 0), got {:?}\nssh: {}\nsshd log:\n{}",
+            key.private.display(),
+            out.status,
+            text(&out.stderr),
+            self.log_tail()
+        );
+    }
+
+    fn assert_refused(&mut self, user: &str, key: &ClientKey, why: &str) {
+        let out = self.ssh(user, key);
+        let stderr = text(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(255),
+            "{why}: expected ssh to be refused (exit 255, \"Permission denied\"), got {:?}\nssh: {stderr}\nsshd log:\n{}",
+            out.status,
+            self.log_tail()
+        );
+        // 255 is also what ssh returns when it cannot connect at all: only
+        // an authentication refusal by a live sshd counts.
+        assert!(
+            stderr.contains("Permission denied (publickey)"),
+            "{why}: ssh exited 255 but not with an authentication refusal: {stderr}\nsshd log:\n{}",
+            self.log_tail()
+        );
+        assert!(
+            matches!(self.child.try_wait(), Ok(None)),
+            "{why}: sshd died\n{}",
+            self.log_tail()
+        );
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Block,
+    Fragment,
+    /// `none`, keys only through the hook; `fingerprint` adds `%f`.
+    None {
+        fingerprint: bool,
+    },
+}
+
+impl Mode {
+    fn write(self) -> &'static str {
+        match self {
+            Mode::Block => "block",
+            Mode::Fragment => "fragment",
+            Mode::None { .. } => "none",
+        }
+    }
+
+    /// A short tag for unique user names.
+    fn tag(self) -> &'static str {
+        match self {
+            Mode::Block => "b",
+            Mode::Fragment => "f",
+            Mode::None { fingerprint: false } => "n",
+            Mode::None { fingerprint: true } => "nf",
+        }
+    }
+}
+
+fn agent_config(env: &TestEnv, url: &str, user: &str, mode: Mode) -> String {
+    format!(
+        r#"state_dir = "{state}"
+health_socket = "{socket}"
+
+[sources.account]
+kind = "vast"
+url = "{url}"
+api_key_env = "KEYSYNC_TEST_API_KEY"
+interval = "60s"
+jitter = "0s"
+timeout = "5s"
+
+[[users]]
+name = "{user}"
+sources = ["account"]
+write = "{write}"
+
+[policy]
+confirm_delay = "300ms"
+"#,
+        state = env.state_dir().display(),
+        socket = env.socket().display(),
+        write = mode.write(),
+    )
+}
+
+struct Hook<'a> {
+    binary: &'a Path,
+    user: &'a str,
+    state: &'a Path,
+}
+
+fn sshd_config(dir: &Path, login_user: &str, mode: Mode, hook: Option<Hook>) -> String {
+    let host_key = dir.join("ssh_host_ed25519_key");
+    let out = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&host_key)
+        .output()
+        .expect("ssh-keygen host key");
+    assert!(
+        out.status.success(),
+        "ssh-keygen host key: {}",
+        text(&out.stderr)
+    );
+    let keys = match (mode, hook) {
+        (Mode::Block, _) => "AuthorizedKeysFile .ssh/authorized_keys\n".to_string(),
+        (Mode::Fragment, _) => {
+            "AuthorizedKeysFile .ssh/authorized_keys .ssh/authorized_keys.d/keysync\n".to_string()
+        }
+        (Mode::None { fingerprint }, Some(hook)) => format!(
+            "AuthorizedKeysFile none\n\
+             AuthorizedKeysCommand {} authorized-keys --state-dir {} %u{}\n\
+             AuthorizedKeysCommandUser {}\n",
+            hook.binary.display(),
+            hook.state.display(),
+            if fingerprint { " %f" } else { "" },
+            hook.user,
+        ),
+        (Mode::None { .. }, None) => unreachable!("none mode needs the hook"),
+    };
+    format!(
+        "ListenAddress 127.0.0.1\n\
+         HostKey {host_key}\n\
+         PidFile {pid}\n\
+         StrictModes yes\n\
+         PubkeyAuthentication yes\n\
+         PasswordAuthentication no\n\
+         KbdInteractiveAuthentication no\n\
+         UsePAM no\n\
+         PermitRootLogin no\n\
+         AllowUsers {login_user}\n\
+         LogLevel DEBUG1\n\
+         {keys}",
+        host_key = host_key.display(),
+        pid = dir.join("sshd.pid").display(),
+    )
+}
+
+/// One `keysync run --once`; it must succeed.
+fn sync(env: &TestEnv, what: &str) {
+    let out = env.run_once();
+    assert!(
+        out.status.success(),
+        "run --once ({what}) exited {:?}:\n{}",
+        out.status,
+        text(&out.stderr)
+    );
+}
+
+fn scenario(cp: &FakeControlPlane, mode: Mode) {
+    let env = TestEnv::new();
+    // The hook user reaches the state dir through group root (see hook_user).
+    chmod(env.path(), 0o750);
+    let names = format!("kst{}{}", std::process::id(), mode.tag());
+    let user = TestUser::login_user(&names);
+    let hook_user =
+        matches!(mode, Mode::None { .. }).then(|| TestUser::hook_user(&format!("{names}k")));
+    let hook_binary = hook_user.as_ref().map(|_| HookBinary::install());
+
+    let keys_dir = env.path().join("client-keys");
+    std::fs::create_dir(&keys_dir).expect("mkdir client-keys");
+    let added_first = client_key(&keys_dir, "first");
+    let added_later = client_key(&keys_dir, "later");
+    let foreign = client_key(&keys_dir, "foreign");
+
+    // In block and fragment mode the user's own authorized_keys holds a key
+    // keysync knows nothing about.
+    let has_foreign = !matches!(mode, Mode::None { .. });
+    let by_hand = format!("# put here by hand\n{}\n", foreign.public);
+    if has_foreign {
+        user.write_by_hand("authorized_keys", &by_hand);
+    }
+
+    cp.set_keys([added_first.public.clone()]);
+    env.write_config(&agent_config(&env, &cp.url(), &user.name, mode));
+    let state = env.state_dir();
+    let hook_path = hook_binary.as_ref().map(HookBinary::path);
+    let hook = hook_user
+        .as_ref()
+        .zip(hook_path.as_deref())
+        .map(|(u, binary)| Hook {
+            binary,
+            user: &u.name,
+            state: &state,
+        });
+    let mut sshd = Sshd::start(env.path(), &sshd_config(env.path(), &user.name, mode, hook));
+    let name = &user.name;
+
+    // Before any sync, the account's key is not known to sshd: this sshd
+    // does not let just any key in.
+    sshd.assert_refused(name, &added_first, "before the first sync");
+    if has_foreign {
+        sshd.assert_logs_in(
+            name,
+            &foreign,
+            "the key put into authorized_keys by hand, before any sync",
+        );
+    }
+
+    sync(&env, "first key on the account");
+    sshd.assert_logs_in(name, &added_first, "the account's key after the first sync");
+    sshd.assert_refused(name, &added_later, "a key not yet on the account");
+
+    cp.add_key(&added_later.public);
+    sync(&env, "second key added on the account");
+    sshd.assert_logs_in(
+        name,
+        &added_later,
+        "the key added on the account, after the sync",
+    );
+    sshd.assert_logs_in(name, &added_first, "the first key, still on the account");
+
+    assert!(
+        cp.remove_key(&added_first.public),
+        "the fake had the first key"
+    );
+    sync(&env, "first key deleted on the account");
+    sshd.assert_refused(
+        name,
+        &added_first,
+        "the key deleted on the account must be refused after the sync (ssh exit 255)",
+    );
+    sshd.assert_logs_in(name, &added_later, "the key still on the account");
+    if has_foreign {
+        sshd.assert_logs_in(
+            name,
+            &foreign,
+            "the key put into authorized_keys by hand, after the syncs",
+        );
+    }
+
+    // What ended up on disk, for each mode.
+    let ssh_dir = user.home.join(".ssh");
+    let read =
+        |p: &Path| std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    match mode {
+        Mode::Block => {
+            let content = read(&ssh_dir.join("authorized_keys"));
+            assert!(
+                content.starts_with(&by_hand),
+                "hand-made lines kept byte for byte:\n{content}"
+            );
+            assert_eq!(
+                block_keys(&content),
+                [added_later.public.as_str()],
+                "{content}"
+            );
+        }
+        Mode::Fragment => {
+            assert_eq!(
+                read(&ssh_dir.join("authorized_keys")),
+                by_hand,
+                "authorized_keys untouched"
+            );
+            let fragment = read(&ssh_dir.join("authorized_keys.d/keysync"));
+            assert_eq!(fragment, format!("{}\n", added_later.public));
+        }
+        Mode::None { .. } => {
+            assert!(!ssh_dir.exists(), "none mode writes nothing in the home");
+        }
+    }
+    assert_eq!(
+        env.cache(name).as_deref(),
+        Some(format!("{}\n", added_later.public).as_str())
+    );
+    drop(sshd);
+}
+
+/// Runs a scenario on a blocking thread (ssh, sshd and the agent block)
+/// while the fake control plane is served by the test's runtime.
+async fn run(mode: Mode) {
+    let cp = FakeControlPlane::start().await;
+    cp.set_token(Some("test-token"));
+    let outcome = tokio::task::spawn_blocking(move || scenario(&cp, mode)).await;
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn block_mode_logins_follow_the_account() {
+    if can_run("block_mode_logins_follow_the_account") {
+        run(Mode::Block).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fragment_mode_logins_follow_the_account() {
+    if can_run("fragment_mode_logins_follow_the_account") {
+        run(Mode::Fragment).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn none_mode_logins_go_through_the_hook() {
+    if can_run("none_mode_logins_go_through_the_hook") {
+        run(Mode::None { fingerprint: false }).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn none_mode_with_fingerprint_argument() {
+    if can_run("none_mode_with_fingerprint_argument") {
+        run(Mode::None { fingerprint: true }).await;
+    }
+}
