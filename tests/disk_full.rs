@@ -17,36 +17,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use support::agent::{Agent, TestEnv, bin, block_keys, eventually, is_root};
+use support::agent::{Agent, TestEnv, bin, block_keys, blocking, eventually, require_root};
 use support::fake_cp::{FakeControlPlane, gen_ed25519_keys};
 
 /// Generous deadline for "eventually" conditions on a loaded 2-core machine.
 const DEADLINE: Duration = Duration::from_secs(20);
 const FOREIGN: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIN7rZ17cV9ag1ih2ph/mjt/dQyeQsJHFDMID9ZaAPkRi platform@host\n";
-
-/// Runs a blocking test body off the runtime that serves the fake control
-/// plane, re-raising its panic so the assertion message is the test's.
-async fn blocking(body: impl FnOnce() + Send + 'static) {
-    if let Err(e) = tokio::task::spawn_blocking(body).await {
-        match e.try_into_panic() {
-            Ok(panic) => std::panic::resume_unwind(panic),
-            Err(e) => panic!("test body did not finish: {e}"),
-        }
-    }
-}
-
-/// Root is needed to mount; under CI a non-root run fails.
-fn require_root(test: &str) -> bool {
-    if is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test} needs root, and CI is set"
-    );
-    eprintln!("\n!!!!! {test}: SKIPPED, needs root (runs as root under CI) !!!!!\n");
-    false
-}
 
 /// A small tmpfs, unmounted on drop (lazily if still busy), also when the
 /// test fails half way.

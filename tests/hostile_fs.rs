@@ -33,38 +33,14 @@ use std::time::{Duration, Instant};
 
 use keysync::write::{self, FileSpec, Outcome, WriteError};
 use nix::unistd::{Gid, Uid};
-use support::agent::{TestEnv, bin, block_keys, eventually, is_root};
+use support::agent::{TestEnv, bin, block_keys, blocking, eventually, require_root};
+use support::users::TestUser;
 use support::fake_cp::{FakeControlPlane, gen_ed25519_keys};
 
 /// Generous deadline for "eventually" conditions on a loaded 2-core machine.
 const DEADLINE: Duration = Duration::from_secs(20);
 /// A `run --once` that has not exited by then hangs.
 const HANG: Duration = Duration::from_secs(60);
-
-/// Runs a blocking test body off the runtime that serves the fake control
-/// plane, re-raising its panic so the assertion message is the test's.
-async fn blocking(body: impl FnOnce() + Send + 'static) {
-    if let Err(e) = tokio::task::spawn_blocking(body).await {
-        match e.try_into_panic() {
-            Ok(panic) => std::panic::resume_unwind(panic),
-            Err(e) => panic!("test body did not finish: {e}"),
-        }
-    }
-}
-
-/// Root is needed to create users, chown and switch fsuid; under CI a
-/// non-root run fails.
-fn require_root(test: &str) -> bool {
-    if is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test} needs root, and CI is set"
-    );
-    eprintln!("\n!!!!! {test}: SKIPPED, needs root (runs as root under CI) !!!!!\n");
-    false
-}
 
 fn chmod(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
@@ -78,87 +54,6 @@ fn lchown(path: &Path, uid: u32, gid: u32) {
 
 // ---------------------------------------------------------------------------
 // Real users
-
-/// A real, unprivileged account, removed (`userdel`) on drop; its home is
-/// removed by the test's temp dir, after planted links are taken out.
-struct TestUser {
-    name: String,
-    uid: u32,
-    gid: u32,
-    home: PathBuf,
-}
-
-impl TestUser {
-    /// `create_home`: useradd -m; else the home does not exist.
-    fn create(home: PathBuf, create_home: bool) -> TestUser {
-        let name = format!("ks-zoo-{:08x}", fastrand::u32(..));
-        let mut last = String::new();
-        // useradd takes a lock on /etc/passwd; parallel tests may hold it a moment.
-        for _ in 0..50 {
-            let out = Command::new("useradd")
-                .args([
-                    if create_home { "-m" } else { "-M" },
-                    "-s",
-                    "/usr/sbin/nologin",
-                    "-d",
-                ])
-                .arg(&home)
-                .arg(&name)
-                .output()
-                .expect("run useradd");
-            if out.status.success() {
-                let user = nix::unistd::User::from_name(&name)
-                    .ok()
-                    .flatten()
-                    .expect("new user in passwd");
-                return TestUser {
-                    name,
-                    uid: user.uid.as_raw(),
-                    gid: user.gid.as_raw(),
-                    home,
-                };
-            }
-            last = String::from_utf8_lossy(&out.stderr).into_owned();
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("useradd {name} failed: {last}");
-    }
-
-    fn chown(&self, path: &Path) {
-        lchown(path, self.uid, self.gid);
-    }
-
-    fn ssh(&self) -> PathBuf {
-        self.home.join(".ssh")
-    }
-
-    fn keys(&self) -> PathBuf {
-        self.home.join(".ssh/authorized_keys")
-    }
-}
-
-impl Drop for TestUser {
-    fn drop(&mut self) {
-        // Take planted links out first, so no cleanup can follow them.
-        for link in [self.keys(), self.ssh()] {
-            if std::fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()) {
-                let _ = std::fs::remove_file(&link);
-            }
-        }
-        for _ in 0..50 {
-            let out = Command::new("userdel").arg(&self.name).output();
-            let gone = nix::unistd::User::from_name(&self.name)
-                .ok()
-                .flatten()
-                .is_none();
-            if gone || out.is_err() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        eprintln!("warning: could not remove test user {}", self.name);
-    }
-}
 
 // ---------------------------------------------------------------------------
 // Snapshots: everything about a tree that a write could change
@@ -375,49 +270,49 @@ async fn zoo_of_hostile_homes_each_gets_its_defined_outcome_and_nothing_lands_el
         };
         let mut cases = Vec::new();
 
-        let u = TestUser::create(home("good"), true);
+        let u = TestUser::create("ks-zoo", home("good"), true);
         mkssh(&u, 0o700);
         cases.push(Case { label: "ordinary", user: u, path: default_path.clone(), fails_with: None });
 
-        let u = TestUser::create(home("dangling"), true);
+        let u = TestUser::create("ks-zoo", home("dangling"), true);
         mkssh(&u, 0o700);
         std::os::unix::fs::symlink(nowhere.join("authorized_keys"), u.keys()).expect("symlink");
         u.chown(&u.keys());
         cases.push(Case { label: "dangling link at the file", user: u, path: default_path.clone(), fails_with: Some("symlink not owned by root") });
 
-        let u = TestUser::create(home("ssh-etc"), true);
+        let u = TestUser::create("ks-zoo", home("ssh-etc"), true);
         std::os::unix::fs::symlink("/etc", u.ssh()).expect("symlink");
         u.chown(&u.ssh());
         cases.push(Case { label: ".ssh -> /etc", user: u, path: default_path.clone(), fails_with: Some("symlink not owned by root") });
 
-        let u = TestUser::create(home("passwd"), true);
+        let u = TestUser::create("ks-zoo", home("passwd"), true);
         mkssh(&u, 0o700);
         std::os::unix::fs::symlink("/etc/passwd", u.keys()).expect("symlink");
         u.chown(&u.keys());
         cases.push(Case { label: "authorized_keys -> /etc/passwd", user: u, path: default_path.clone(), fails_with: Some("symlink not owned by root") });
 
-        let u = TestUser::create(home("ssh-victim"), true);
+        let u = TestUser::create("ks-zoo", home("ssh-victim"), true);
         std::os::unix::fs::symlink(&victim, u.ssh()).expect("symlink");
         u.chown(&u.ssh());
         cases.push(Case { label: ".ssh -> root's directory", user: u, path: default_path.clone(), fails_with: Some("symlink not owned by root") });
 
-        let u = TestUser::create(home("fifo"), true);
+        let u = TestUser::create("ks-zoo", home("fifo"), true);
         mkssh(&u, 0o700);
         nix::unistd::mkfifo(&u.keys(), nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
         u.chown(&u.keys());
         cases.push(Case { label: "FIFO at the file", user: u, path: default_path.clone(), fails_with: Some("not a regular file") });
 
-        let u = TestUser::create(home("dir"), true);
+        let u = TestUser::create("ks-zoo", home("dir"), true);
         mkssh(&u, 0o700);
         std::fs::create_dir(u.keys()).expect("dir at the file");
         u.chown(&u.keys());
         cases.push(Case { label: "directory at the file", user: u, path: default_path.clone(), fails_with: Some("not a regular file") });
 
-        let u = TestUser::create(home("ssh000"), true);
+        let u = TestUser::create("ks-zoo", home("ssh000"), true);
         mkssh(&u, 0o000);
         cases.push(Case { label: ".ssh mode 000", user: u, path: default_path.clone(), fails_with: Some("Permission denied") });
 
-        let u = TestUser::create(home("file000"), true);
+        let u = TestUser::create("ks-zoo", home("file000"), true);
         mkssh(&u, 0o700);
         std::fs::write(u.keys(), "ssh-ed25519 AAAA the-users-own-line\n").expect("file");
         chmod(&u.keys(), 0o000);
@@ -437,13 +332,13 @@ async fn zoo_of_hostile_homes_each_gets_its_defined_outcome_and_nothing_lands_el
             let _ = Command::new("userdel").arg(&nl_name).output();
             panic!("useradd accepted a newline in a home; extend the test to use it");
         }
-        let u = TestUser::create(home("newline"), true);
+        let u = TestUser::create("ks-zoo", home("newline"), true);
         cases.push(Case { label: "newline in the directory name", user: u, path: "~/new\nline/authorized_keys".into(), fails_with: None });
 
-        let u = TestUser::create(home("missing"), false);
+        let u = TestUser::create("ks-zoo", home("missing"), false);
         cases.push(Case { label: "home does not exist", user: u, path: default_path.clone(), fails_with: Some("No such file or directory") });
 
-        let u = TestUser::create(home("foreign-home"), true);
+        let u = TestUser::create("ks-zoo", home("foreign-home"), true);
         let owner = &cases[0].user;
         lchown(&u.home, owner.uid, owner.gid);
         chmod(&u.home, 0o755);

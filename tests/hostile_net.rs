@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use support::agent::{TestEnv, bin, block_keys, eventually};
+use support::agent::{TestEnv, bin, block_keys, blocking, eventually};
 use support::fake_cp::{FakeControlPlane, gen_ed25519_keys};
 
 /// Generous deadline for "eventually" conditions on a loaded 2-core machine.
@@ -430,17 +430,6 @@ fn sorted(keys: &[String]) -> Vec<String> {
 fn keys_pair() -> (Vec<String>, Vec<String>) {
     let all = gen_ed25519_keys(6);
     (all[..3].to_vec(), all[3..].to_vec())
-}
-
-/// Runs a blocking test body off the runtime that serves the fake control
-/// plane, re-raising its panic so the assertion message is the test's.
-async fn blocking(body: impl FnOnce() + Send + 'static) {
-    if let Err(e) = tokio::task::spawn_blocking(body).await {
-        match e.try_into_panic() {
-            Ok(panic) => std::panic::resume_unwind(panic),
-            Err(e) => panic!("test body did not finish: {e}"),
-        }
-    }
 }
 
 /// The other origin: a fake control plane that serves the new keys to

@@ -19,7 +19,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal;
-use support::agent::{Agent, TestEnv, bin, block_keys, eventually, is_root};
+use support::agent::{Agent, TestEnv, bin, block_keys, blocking, eventually, require_root};
+use support::users::TestUser;
 use support::fake_cp::{Endpoint, FakeControlPlane, Fault, Shape, fixture_keys, gen_ed25519_keys};
 
 /// Generous deadline for "eventually" conditions on a loaded 2-core machine.
@@ -28,17 +29,6 @@ const DEADLINE: Duration = Duration::from_secs(20);
 /// The managed block's markers (DESIGN.md §4).
 const BEGIN: &str = "# BEGIN keysync managed keys: edits inside this block are overwritten";
 const END: &str = "# END keysync managed keys";
-
-/// Runs a blocking test body off the runtime that serves the fake control
-/// plane, re-raising its panic so the assertion message is the test's.
-async fn blocking(body: impl FnOnce() + Send + 'static) {
-    if let Err(e) = tokio::task::spawn_blocking(body).await {
-        match e.try_into_panic() {
-            Ok(panic) => std::panic::resume_unwind(panic),
-            Err(e) => panic!("test body did not finish: {e}"),
-        }
-    }
-}
 
 /// The block as the agent must write it.
 fn block(keys: &[String]) -> String {
@@ -534,91 +524,6 @@ async fn racing_writer_keeps_its_line_and_the_block_follows_the_api() {
 // ---------------------------------------------------------------------------
 // 4. Symlinks in homes users control
 
-/// A real, unprivileged account with its home under the test's directory,
-/// removed (`userdel -r`) on drop.
-struct TestUser {
-    name: String,
-    uid: u32,
-    gid: u32,
-    home: PathBuf,
-}
-
-impl TestUser {
-    fn create(parent: &Path, tag: &str) -> TestUser {
-        let name = format!("keysync-t4-{:08x}", fastrand::u32(..));
-        let home = parent.join(format!("home-{tag}"));
-        // useradd takes a lock on /etc/passwd; parallel tests may hold it a moment.
-        let mut last = String::new();
-        for _ in 0..50 {
-            let out = Command::new("useradd")
-                .args(["-m", "-s", "/usr/sbin/nologin", "-d"])
-                .arg(&home)
-                .arg(&name)
-                .output()
-                .expect("run useradd");
-            if out.status.success() {
-                let user = nix::unistd::User::from_name(&name)
-                    .ok()
-                    .flatten()
-                    .expect("new user in passwd");
-                return TestUser {
-                    name,
-                    uid: user.uid.as_raw(),
-                    gid: user.gid.as_raw(),
-                    home,
-                };
-            }
-            last = String::from_utf8_lossy(&out.stderr).into_owned();
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("useradd {name} failed: {last}");
-    }
-
-    fn chown(&self, path: &Path) {
-        std::os::unix::fs::lchown(path, Some(self.uid), Some(self.gid)).expect("lchown");
-    }
-}
-
-impl Drop for TestUser {
-    fn drop(&mut self) {
-        // The home holds planted links: take them out before removing it, so
-        // nothing can send the removal elsewhere.
-        for link in [
-            self.home.join(".ssh/authorized_keys"),
-            self.home.join(".ssh"),
-        ] {
-            if std::fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()) {
-                let _ = std::fs::remove_file(&link);
-            }
-        }
-        for _ in 0..50 {
-            let out = Command::new("userdel").arg("-r").arg(&self.name).output();
-            let gone = nix::unistd::User::from_name(&self.name)
-                .ok()
-                .flatten()
-                .is_none();
-            if gone || out.is_err() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        eprintln!("warning: could not remove test user {}", self.name);
-    }
-}
-
-/// Root is needed to create users and chown; under CI a non-root run fails.
-fn require_root(test: &str) -> bool {
-    if is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test} needs root, and CI is set"
-    );
-    eprintln!("\n!!!!! {test}: SKIPPED, needs root (runs as root under CI) !!!!!\n");
-    false
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn planted_symlinks_are_never_written_through_and_root_links_are_followed() {
     if !require_root("planted_symlinks_are_never_written_through_and_root_links_are_followed") {
@@ -644,7 +549,7 @@ async fn planted_symlinks_are_never_written_through_and_root_links_are_followed(
         mode(&root_dir, 0o700);
 
         // a: authorized_keys is the user's link to the root-owned file.
-        let a = TestUser::create(env.path(), "a");
+        let a = TestUser::create("keysync-t4", env.path().join("home-a"), true);
         let a_ssh = a.home.join(".ssh");
         std::fs::create_dir(&a_ssh).expect("mkdir");
         mode(&a_ssh, 0o700);
@@ -654,14 +559,14 @@ async fn planted_symlinks_are_never_written_through_and_root_links_are_followed(
         a.chown(&a_link);
 
         // b: .ssh is the user's link to the root-owned directory.
-        let b = TestUser::create(env.path(), "b");
+        let b = TestUser::create("keysync-t4", env.path().join("home-b"), true);
         let b_link = b.home.join(".ssh");
         std::os::unix::fs::symlink(&root_dir, &b_link).expect("symlink");
         b.chown(&b_link);
 
         // c: .ssh is a root-owned link to c's own 0700 directory: sshd's
         // rule holds, so it is followed (with c's fsuid).
-        let c = TestUser::create(env.path(), "c");
+        let c = TestUser::create("keysync-t4", env.path().join("home-c"), true);
         let c_real = env.path().join("c-real-ssh");
         std::fs::create_dir(&c_real).expect("mkdir");
         mode(&c_real, 0o700);

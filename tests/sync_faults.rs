@@ -12,22 +12,11 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use support::agent::{Agent, TestEnv, block_keys, eventually};
+use support::agent::{Agent, TestEnv, block_keys, blocking, eventually};
 use support::fake_cp::{Endpoint, FakeControlPlane, Fault, gen_ed25519_keys};
 
 /// Generous deadline for "eventually" conditions on a loaded 2-core machine.
 const DEADLINE: Duration = Duration::from_secs(20);
-
-/// Runs a blocking test body off the runtime that serves the fake control
-/// plane, re-raising its panic so the assertion message is the test's.
-async fn blocking(body: impl FnOnce() + Send + 'static) {
-    if let Err(e) = tokio::task::spawn_blocking(body).await {
-        match e.try_into_panic() {
-            Ok(panic) => std::panic::resume_unwind(panic),
-            Err(e) => panic!("test body did not finish: {e}"),
-        }
-    }
-}
 
 /// What "byte-identical" means here: same bytes, same inode, same mtime.
 #[derive(Debug, PartialEq, Eq)]

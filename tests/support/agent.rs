@@ -255,3 +255,28 @@ pub fn block_keys(content: &str) -> Vec<String> {
     }
     keys
 }
+
+/// Runs a blocking test body off the runtime that serves the fake control
+/// plane, re-raising its panic so the assertion message is the test's.
+pub async fn blocking(body: impl FnOnce() + Send + 'static) {
+    if let Err(e) = tokio::task::spawn_blocking(body).await {
+        match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => panic!("test body did not finish: {e}"),
+        }
+    }
+}
+
+/// For tests that need root (users, chown, mounts): true when root. Under
+/// CI a non-root run fails; elsewhere the test is skipped loudly.
+pub fn require_root(test: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} needs root, and CI is set"
+    );
+    eprintln!("\n!!!!! {test}: SKIPPED, needs root (runs as root under CI) !!!!!\n");
+    false
+}

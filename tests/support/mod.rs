@@ -1,2 +1,3 @@
 pub mod agent;
 pub mod fake_cp;
+pub mod users;
