@@ -197,7 +197,12 @@ impl Syncer {
             let mut status = self.shared.lock();
             let entry = status.sources.entry(name.clone()).or_default();
             entry.kind = src.kind.name().to_string();
-            entry.mode = if src.subscribe_url.is_some() { "subscribe" } else { "poll" }.to_string();
+            entry.mode = if src.subscribe_url.is_some() {
+                "subscribe"
+            } else {
+                "poll"
+            }
+            .to_string();
             if let Some(good) = good {
                 entry.has_answer = true;
                 entry.key_count = good.keys.len();
@@ -256,8 +261,12 @@ impl Syncer {
     /// Applies a reloaded config: sources and users come and go; known
     /// answers and written state are kept.
     pub fn reconfigure(&mut self, settings: Settings) {
-        let old_users: HashMap<String, UserSettings> =
-            self.settings.users.iter().map(|u| (u.name.clone(), u.clone())).collect();
+        let old_users: HashMap<String, UserSettings> = self
+            .settings
+            .users
+            .iter()
+            .map(|u| (u.name.clone(), u.clone()))
+            .collect();
         self.state = StateDir::new(&settings.state_dir);
         if let Err(e) = self.state.ensure() {
             tracing::error!(path = %settings.state_dir.display(), error = %e, "cannot create state_dir");
@@ -265,8 +274,12 @@ impl Syncer {
         self.engine.configure(&settings);
         {
             let mut status = self.shared.lock();
-            status.sources.retain(|n, _| settings.sources.contains_key(n));
-            status.users.retain(|n, _| settings.users.iter().any(|u| &u.name == n));
+            status
+                .sources
+                .retain(|n, _| settings.sources.contains_key(n));
+            status
+                .users
+                .retain(|n, _| settings.users.iter().any(|u| &u.name == n));
         }
         self.settings = settings;
         self.restore();
@@ -293,8 +306,12 @@ impl Syncer {
     }
 
     fn clear_home_file(&self, user: &UserSettings) {
-        let Ok(account) = users::lookup(&user.name) else { return };
-        let Some(spec) = users::home_file_spec(user, &account) else { return };
+        let Ok(account) = users::lookup(&user.name) else {
+            return;
+        };
+        let Some(spec) = users::home_file_spec(user, &account) else {
+            return;
+        };
         let result = match user.write {
             WriteMode::Block => write::apply(&spec, &mut |cur| render::merge_block(cur, &[])),
             WriteMode::Fragment => write::apply(&spec, &mut |_| None),
@@ -312,8 +329,13 @@ impl Syncer {
             return Vec::new();
         };
         let metrics = self.shared.metrics.clone();
-        let labels = crate::status::SourceLabels { source: name.clone() };
-        metrics.fetch_duration.get_or_create(&labels).observe(report.took.as_secs_f64());
+        let labels = crate::status::SourceLabels {
+            source: name.clone(),
+        };
+        metrics
+            .fetch_duration
+            .get_or_create(&labels)
+            .observe(report.took.as_secs_f64());
         let result = match &report.fetched {
             Fetched::List { keys, .. } if keys.is_empty() => "empty",
             Fetched::List { .. } => "ok",
@@ -351,7 +373,9 @@ impl Syncer {
                     etag: etag.clone(),
                     fetched_at: report.at,
                 };
-                let changed = self.engine.last_good(name).is_none_or(|old| !old.keys.same_as(keys) || old.keys != *keys || old.etag != *etag);
+                let changed = self.engine.last_good(name).is_none_or(|old| {
+                    !old.keys.same_as(keys) || old.keys != *keys || old.etag != *etag
+                });
                 if changed || self.save_is_due(name, report.at) {
                     self.persist(name, &good);
                 }
@@ -383,7 +407,9 @@ impl Syncer {
             .settings
             .policy
             .max_stale
-            .map_or(Duration::from_secs(600), |m| (m / 10).min(Duration::from_secs(600)));
+            .map_or(Duration::from_secs(600), |m| {
+                (m / 10).min(Duration::from_secs(600))
+            });
         self.saved_at
             .get(name)
             .is_none_or(|saved| at.duration_since(*saved).is_ok_and(|age| age >= every))
@@ -426,7 +452,10 @@ impl Syncer {
             Plan::Write(keys) => (Some(keys), None),
             Plan::Waiting { sources } => (
                 None,
-                Some(format!("waiting for a first answer from {}", sources.join(", "))),
+                Some(format!(
+                    "waiting for a first answer from {}",
+                    sources.join(", ")
+                )),
             ),
             Plan::Confirm { keep, at, sources } => {
                 let note = format!(
@@ -438,7 +467,12 @@ impl Syncer {
                 (keep, Some(note))
             }
         };
-        self.shared.lock().users.entry(name.to_string()).or_default().pending = pending;
+        self.shared
+            .lock()
+            .users
+            .entry(name.to_string())
+            .or_default()
+            .pending = pending;
         if let Some(keys) = keys {
             match self.write_user(&user, &keys) {
                 Ok(wrote) => outcome.wrote_home = wrote,
@@ -454,7 +488,12 @@ impl Syncer {
         let name = &user.name;
         let fail = |shared: &Shared, error: String| {
             tracing::error!(user = %name, error = %error, "cannot write keys for user; other users go on");
-            shared.lock().users.entry(name.clone()).or_default().last_error = Some(error);
+            shared
+                .lock()
+                .users
+                .entry(name.clone())
+                .or_default()
+                .last_error = Some(error);
         };
         let account = match users::lookup(name) {
             Ok(a) => a,
@@ -479,7 +518,9 @@ impl Syncer {
             (Some(spec), WriteMode::Block) => {
                 write::apply(spec, &mut |cur| render::merge_block(cur, &lines))
             }
-            (Some(spec), WriteMode::Fragment) => write::apply(spec, &mut |_| render::fragment(&lines)),
+            (Some(spec), WriteMode::Fragment) => {
+                write::apply(spec, &mut |_| render::fragment(&lines))
+            }
             _ => Ok(Outcome::Unchanged),
         };
         let wrote_home = match home {
@@ -493,9 +534,17 @@ impl Syncer {
         self.log_changes(name, keys);
         self.engine.written(name, keys.clone());
         let labels = crate::status::UserLabels { user: name.clone() };
-        self.shared.metrics.keys.get_or_create(&labels).set(keys.len() as i64);
+        self.shared
+            .metrics
+            .keys
+            .get_or_create(&labels)
+            .set(keys.len() as i64);
         if wrote_any {
-            self.shared.metrics.writes_total.get_or_create(&labels).inc();
+            self.shared
+                .metrics
+                .writes_total
+                .get_or_create(&labels)
+                .inc();
         }
         let mut status = self.shared.lock();
         let entry: &mut UserStatus = status.users.entry(name.clone()).or_default();
@@ -513,7 +562,11 @@ impl Syncer {
         let before = self.engine.applied(user).unwrap_or(&empty);
         let old: HashSet<(&str, &str)> = before.keys().iter().map(|k| k.id()).collect();
         let new: HashSet<(&str, &str)> = keys.keys().iter().map(|k| k.id()).collect();
-        let mut added = keys.keys().iter().filter(|k| !old.contains(&k.id())).peekable();
+        let mut added = keys
+            .keys()
+            .iter()
+            .filter(|k| !old.contains(&k.id()))
+            .peekable();
         if added.peek().is_some() {
             // Which sources name each key: one pass over each source's list.
             let mut sources_of: HashMap<(&str, &str), Vec<&str>> = HashMap::new();
@@ -532,7 +585,10 @@ impl Syncer {
                 }
             }
             for key in added {
-                let source = sources_of.get(&key.id()).map(|s| s.join(",")).unwrap_or_default();
+                let source = sources_of
+                    .get(&key.id())
+                    .map(|s| s.join(","))
+                    .unwrap_or_default();
                 tracing::info!(user, source, fingerprint = %key.fingerprint, comment = %key.comment, "key added");
             }
         }
@@ -546,9 +602,16 @@ impl Syncer {
         self.shared
             .metrics
             .drift_repairs_total
-            .get_or_create(&crate::status::UserLabels { user: user.to_string() })
+            .get_or_create(&crate::status::UserLabels {
+                user: user.to_string(),
+            })
             .inc();
-        self.shared.lock().users.entry(user.to_string()).or_default().drift_repairs += 1;
+        self.shared
+            .lock()
+            .users
+            .entry(user.to_string())
+            .or_default()
+            .drift_repairs += 1;
     }
 
     /// Each user's home file, for the drift watch.
@@ -825,7 +888,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     cancel.cancelled().await;
     notify.stopping();
     tracing::info!("stopping");
-    if tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("tasks did not stop within 5 s");
     }
     drop(writer);
@@ -953,7 +1019,12 @@ const FILE_MAX_WAIT: Duration = Duration::from_millis(300);
 /// A file source is re-read as soon as its directory watch sees the file
 /// change (written, replaced by a rename, created or removed), debounced on
 /// the trailing edge.
-fn spawn_file_watch(daemon: &Daemon, path: &Path, nudge: mpsc::Sender<()>, cancel: CancellationToken) {
+fn spawn_file_watch(
+    daemon: &Daemon,
+    path: &Path,
+    nudge: mpsc::Sender<()>,
+    cancel: CancellationToken,
+) {
     let target = path.to_path_buf();
     let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
     let (changed, mut changes) = mpsc::unbounded_channel::<()>();
@@ -1006,13 +1077,19 @@ fn spawn_file_watch(daemon: &Daemon, path: &Path, nudge: mpsc::Sender<()>, cance
 /// `Retry-After` is honoured by adding the jittered wait to it: as a plain
 /// floor it would turn every short draw into the same wait, and agents told
 /// "come back in 30 s" at the same moment would come back together.
-pub fn backoff(settings: &SourceSettings, failures: u32, retry_after: Option<Duration>) -> Duration {
+pub fn backoff(
+    settings: &SourceSettings,
+    failures: u32,
+    retry_after: Option<Duration>,
+) -> Duration {
     let cap = settings
         .interval
         .saturating_mul(2u32.saturating_pow(failures.min(30)))
         .min(settings.max_backoff.max(settings.interval));
     let jittered = cap.mul_f64(fastrand::f64());
-    retry_after.unwrap_or(Duration::ZERO).saturating_add(jittered)
+    retry_after
+        .unwrap_or(Duration::ZERO)
+        .saturating_add(jittered)
 }
 
 /// The next poll: `base` ± uniform jitter, never under a tenth of `base`.
@@ -1066,7 +1143,10 @@ async fn source_loop(
                 Err(e) => {
                     let report = FetchReport {
                         source: name.clone(),
-                        fetched: Fetched::Failed { error: e.chain(), retry_after: None },
+                        fetched: Fetched::Failed {
+                            error: e.chain(),
+                            retry_after: None,
+                        },
                         at: SystemTime::now(),
                         took: Duration::ZERO,
                     };
@@ -1091,7 +1171,11 @@ async fn source_loop(
             }
             _ => {
                 failures = 0;
-                let base = if *stream.borrow_and_update() { settings.resync } else { settings.interval };
+                let base = if *stream.borrow_and_update() {
+                    settings.resync
+                } else {
+                    settings.interval
+                };
                 jittered(base, settings.jitter)
             }
         };
@@ -1585,7 +1669,9 @@ mod backoff_tests {
     fn source(interval: Duration, max_backoff: Duration) -> SourceSettings {
         SourceSettings {
             name: "a".into(),
-            kind: config::SourceKind::File { path: PathBuf::from("/x") },
+            kind: config::SourceKind::File {
+                path: PathBuf::from("/x"),
+            },
             interval,
             jitter: Duration::ZERO,
             timeout: Duration::from_secs(10),
@@ -1611,12 +1697,18 @@ mod backoff_tests {
         for (failures, cap) in [(1, 4), (2, 8), (3, 10), (10, 10), (u32::MAX, 10)] {
             let cap = Duration::from_secs(cap);
             let (min, mean, max) = draws(20_000, || backoff(&s, failures, None));
-            assert!(max <= cap, "failures {failures}: {max:?} over the cap {cap:?}");
+            assert!(
+                max <= cap,
+                "failures {failures}: {max:?} over the cap {cap:?}"
+            );
             // Full jitter: the whole range is used, the mean is half the cap.
             assert!(min < cap / 20, "failures {failures}: min {min:?}");
             assert!(max > cap.mul_f64(0.95), "failures {failures}: max {max:?}");
             let half = cap.as_secs_f64() / 2.0;
-            assert!((mean.as_secs_f64() - half).abs() < half * 0.05, "failures {failures}: mean {mean:?}");
+            assert!(
+                (mean.as_secs_f64() - half).abs() < half * 0.05,
+                "failures {failures}: mean {mean:?}"
+            );
         }
     }
 
@@ -1626,7 +1718,10 @@ mod backoff_tests {
         let s = source(Duration::from_secs(60), Duration::from_secs(300));
         for failures in 1..8 {
             let (_, mean, _) = draws(20_000, || backoff(&s, failures, None));
-            assert!(mean.as_secs_f64() >= 60.0 * 0.95, "failures {failures}: mean {mean:?}");
+            assert!(
+                mean.as_secs_f64() >= 60.0 * 0.95,
+                "failures {failures}: mean {mean:?}"
+            );
         }
     }
 
@@ -1643,12 +1738,22 @@ mod backoff_tests {
 
     #[test]
     fn jitter_is_uniform_around_the_interval() {
-        let (min, mean, max) = draws(20_000, || jittered(Duration::from_secs(2), Duration::from_secs(1)));
-        assert!(min >= Duration::from_secs(1) && max <= Duration::from_secs(3), "{min:?}..{max:?}");
+        let (min, mean, max) = draws(20_000, || {
+            jittered(Duration::from_secs(2), Duration::from_secs(1))
+        });
+        assert!(
+            min >= Duration::from_secs(1) && max <= Duration::from_secs(3),
+            "{min:?}..{max:?}"
+        );
         assert!((mean.as_secs_f64() - 2.0).abs() < 0.05, "{mean:?}");
-        assert_eq!(jittered(Duration::from_secs(2), Duration::ZERO), Duration::from_secs(2));
+        assert_eq!(
+            jittered(Duration::from_secs(2), Duration::ZERO),
+            Duration::from_secs(2)
+        );
         // A jitter as large as the interval never makes a zero wait.
-        let (min, _, _) = draws(20_000, || jittered(Duration::from_secs(1), Duration::from_secs(1)));
+        let (min, _, _) = draws(20_000, || {
+            jittered(Duration::from_secs(1), Duration::from_secs(1))
+        });
         assert!(min >= Duration::from_millis(100), "{min:?}");
     }
 }

@@ -250,7 +250,9 @@ pub enum ApiKeyError {
         #[source]
         source: std::io::Error,
     },
-    #[error("no API key: api_key_file is missing or empty, and neither the {env} environment variable nor the systemd credential api-key is set")]
+    #[error(
+        "no API key: api_key_file is missing or empty, and neither the {env} environment variable nor the systemd credential api-key is set"
+    )]
     Missing { env: String },
 }
 
@@ -376,7 +378,10 @@ impl Default for PolicySettings {
 }
 
 mod dur {
-    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(*d).to_string())
     }
 }
@@ -446,7 +451,10 @@ pub fn load(main: &Path) -> Result<Settings, ConfigError> {
         })?;
         texts.push((path.clone(), text));
     }
-    let refs: Vec<(&Path, &str)> = texts.iter().map(|(p, t)| (p.as_path(), t.as_str())).collect();
+    let refs: Vec<(&Path, &str)> = texts
+        .iter()
+        .map(|(p, t)| (p.as_path(), t.as_str()))
+        .collect();
     let mut settings = from_texts(&refs)?;
     settings.config_path = main.to_path_buf();
     settings.files = files;
@@ -591,7 +599,12 @@ fn validate(merged: Fragment, files: &[(&Path, &str)]) -> Result<Settings, Confi
     })
 }
 
-fn invalid<T>(at: &At<'_>, span: std::ops::Range<usize>, field: &str, message: impl Into<String>) -> Result<T, ConfigError> {
+fn invalid<T>(
+    at: &At<'_>,
+    span: std::ops::Range<usize>,
+    field: &str,
+    message: impl Into<String>,
+) -> Result<T, ConfigError> {
     Err(ConfigError::Invalid {
         path: at.path.to_path_buf(),
         line: at.line(span),
@@ -655,7 +668,12 @@ fn validate_url(at: &At<'_>, field: &str, value: &Spanned<String>) -> Result<Str
                 field,
                 "plain http:// is allowed only to loopback addresses; use https://",
             ),
-            other => invalid(at, value.span(), field, format!("unsupported scheme {other:?}")),
+            other => invalid(
+                at,
+                value.span(),
+                field,
+                format!("unsupported scheme {other:?}"),
+            ),
         },
         Err(e) => invalid(at, value.span(), field, format!("not a URL: {e}")),
     }
@@ -671,7 +689,11 @@ pub fn is_loopback_host(url: &reqwest::Url) -> bool {
     }
 }
 
-fn validate_source(name: &str, f: SourceFragment, at: &At<'_>) -> Result<SourceSettings, ConfigError> {
+fn validate_source(
+    name: &str,
+    f: SourceFragment,
+    at: &At<'_>,
+) -> Result<SourceSettings, ConfigError> {
     let field = |k: &str| format!("sources.{name}.{k}");
     let kind_name = f
         .kind
@@ -725,36 +747,63 @@ fn validate_source(name: &str, f: SourceFragment, at: &At<'_>) -> Result<SourceS
             ("api_key_env", f.api_key_env.as_ref().map(|v| v.span())),
         ] {
             if let Some(span) = span {
-                return invalid(at, span, &field(key), format!("not used by a {kind_name} source"));
+                return invalid(
+                    at,
+                    span,
+                    &field(key),
+                    format!("not used by a {kind_name} source"),
+                );
             }
         }
     }
     if !matches!(kind, SourceKind::File { .. })
         && let Some(p) = &f.path
     {
-        return invalid(at, p.span(), &field("path"), "only a file source has a path");
+        return invalid(
+            at,
+            p.span(),
+            &field("path"),
+            "only a file source has a path",
+        );
     }
     if matches!(kind, SourceKind::File { .. })
         && let Some(u) = &f.url
     {
-        return invalid(at, u.span(), &field("url"), "a file source has a path, not a url");
+        return invalid(
+            at,
+            u.span(),
+            &field("url"),
+            "a file source has a path, not a url",
+        );
     }
 
-    let opt = |v: &Option<Spanned<String>>, key: &str, default: Duration, must_be_positive: bool| {
-        match v {
+    let opt =
+        |v: &Option<Spanned<String>>, key: &str, default: Duration, must_be_positive: bool| match v
+        {
             Some(v) if must_be_positive => positive(at, &field(key), v),
             Some(v) => duration(at, &field(key), v),
             None => Ok(default),
-        }
-    };
+        };
     let interval = opt(&f.interval, "interval", Duration::from_secs(60), true)?;
     let jitter = opt(&f.jitter, "jitter", Duration::from_secs(10), false)?;
     let timeout = opt(&f.timeout, "timeout", Duration::from_secs(10), true)?;
     let resync = opt(&f.resync, "resync", Duration::from_secs(600), true)?;
-    let max_backoff = opt(&f.max_backoff, "max_backoff", Duration::from_secs(300), true)?;
+    let max_backoff = opt(
+        &f.max_backoff,
+        "max_backoff",
+        Duration::from_secs(300),
+        true,
+    )?;
     let max_body = match &f.max_body {
         Some(v) => match parse_size(v.get_ref()) {
-            Ok(0) => return invalid(at, v.span(), &field("max_body"), "must be greater than zero"),
+            Ok(0) => {
+                return invalid(
+                    at,
+                    v.span(),
+                    &field("max_body"),
+                    "must be greater than zero",
+                );
+            }
             Ok(n) => n,
             Err(m) => return invalid(at, v.span(), &field("max_body"), m),
         },
@@ -762,7 +811,12 @@ fn validate_source(name: &str, f: SourceFragment, at: &At<'_>) -> Result<SourceS
     };
     let subscribe_url = match &f.subscribe_url {
         Some(u) if matches!(kind, SourceKind::File { .. }) => {
-            return invalid(at, u.span(), &field("subscribe_url"), "a file source is watched, not subscribed");
+            return invalid(
+                at,
+                u.span(),
+                &field("subscribe_url"),
+                "a file source is watched, not subscribed",
+            );
         }
         Some(u) => Some(validate_url(at, &field("subscribe_url"), u)?),
         None => None,
@@ -785,7 +839,12 @@ fn validate_policy(f: PolicyFragment, at: &At<'_>) -> Result<PolicySettings, Con
     let mut policy = PolicySettings::default();
     if let Some(bits) = f.min_rsa_bits {
         if *bits.get_ref() < 1024 {
-            return invalid(at, bits.span(), "policy.min_rsa_bits", "must be at least 1024");
+            return invalid(
+                at,
+                bits.span(),
+                "policy.min_rsa_bits",
+                "must be at least 1024",
+            );
         }
         policy.keys.min_rsa_bits = *bits.get_ref();
     }
@@ -793,14 +852,22 @@ fn validate_policy(f: PolicyFragment, at: &At<'_>) -> Result<PolicySettings, Con
         let mut list = Vec::new();
         for alg in algs.get_ref() {
             if alg == "ssh-dss" {
-                return invalid(at, algs.span(), "policy.allowed_algorithms", "ssh-dss is never allowed");
+                return invalid(
+                    at,
+                    algs.span(),
+                    "policy.allowed_algorithms",
+                    "ssh-dss is never allowed",
+                );
             }
             if !DEFAULT_ALGORITHMS.contains(&alg.as_str()) {
                 return invalid(
                     at,
                     algs.span(),
                     "policy.allowed_algorithms",
-                    format!("unknown algorithm {alg:?} (known: {})", DEFAULT_ALGORITHMS.join(", ")),
+                    format!(
+                        "unknown algorithm {alg:?} (known: {})",
+                        DEFAULT_ALGORITHMS.join(", ")
+                    ),
                 );
             }
             list.push(alg.clone());
@@ -833,18 +900,40 @@ fn validate_user(
         || name == ".."
         || name.chars().any(|c| c.is_control() || c.is_whitespace())
     {
-        return invalid(at, f.name.span(), "users.name", format!("{name:?} is not a valid user name"));
+        return invalid(
+            at,
+            f.name.span(),
+            "users.name",
+            format!("{name:?} is not a valid user name"),
+        );
     }
     let (user_sources, sources_span) = match &f.sources {
         Some(s) => (s.get_ref().clone(), s.span()),
-        None => return invalid(at, f.name.span(), &field("sources"), "a user needs at least one source"),
+        None => {
+            return invalid(
+                at,
+                f.name.span(),
+                &field("sources"),
+                "a user needs at least one source",
+            );
+        }
     };
     if user_sources.is_empty() {
-        return invalid(at, sources_span, &field("sources"), "a user needs at least one source");
+        return invalid(
+            at,
+            sources_span,
+            &field("sources"),
+            "a user needs at least one source",
+        );
     }
     for s in &user_sources {
         if !sources.contains_key(s) {
-            return invalid(at, sources_span.clone(), &field("sources"), format!("names undefined source {s:?}"));
+            return invalid(
+                at,
+                sources_span.clone(),
+                &field("sources"),
+                format!("names undefined source {s:?}"),
+            );
         }
     }
     let write = match &f.write {
@@ -853,19 +942,34 @@ fn validate_user(
             "fragment" => WriteMode::Fragment,
             "none" => WriteMode::None,
             other => {
-                return invalid(at, w.span(), &field("write"), format!("unknown mode {other:?} (expected block, fragment or none)"));
+                return invalid(
+                    at,
+                    w.span(),
+                    &field("write"),
+                    format!("unknown mode {other:?} (expected block, fragment or none)"),
+                );
             }
         },
         None => WriteMode::Block,
     };
     let path = match (&f.path, write) {
         (Some(p), WriteMode::None) => {
-            return invalid(at, p.span(), &field("path"), "write = \"none\" writes no file in the home");
+            return invalid(
+                at,
+                p.span(),
+                &field("path"),
+                "write = \"none\" writes no file in the home",
+            );
         }
         (Some(p), _) => {
             let text = p.get_ref();
             if !(text.starts_with("~/") || text.starts_with('/')) {
-                return invalid(at, p.span(), &field("path"), "must be absolute or start with ~/");
+                return invalid(
+                    at,
+                    p.span(),
+                    &field("path"),
+                    "must be absolute or start with ~/",
+                );
             }
             if text.split('/').any(|c| c == "..") || text.ends_with('/') {
                 return invalid(at, p.span(), &field("path"), "must name a file, without ..");
@@ -878,7 +982,12 @@ fn validate_user(
         Some(o) => {
             let text = o.get_ref().trim();
             if text.chars().any(|c| c.is_control()) || text.contains(' ') && !text.contains('"') {
-                return invalid(at, o.span(), &field("options"), "options are one comma-separated list without spaces or control characters");
+                return invalid(
+                    at,
+                    o.span(),
+                    &field("options"),
+                    "options are one comma-separated list without spaces or control characters",
+                );
             }
             (!text.is_empty()).then(|| text.to_string())
         }
@@ -927,7 +1036,8 @@ mod tests {
     use super::*;
 
     fn load_texts(files: &[(&str, &str)]) -> Result<Settings, ConfigError> {
-        let owned: Vec<(PathBuf, &str)> = files.iter().map(|(p, t)| (PathBuf::from(p), *t)).collect();
+        let owned: Vec<(PathBuf, &str)> =
+            files.iter().map(|(p, t)| (PathBuf::from(p), *t)).collect();
         let refs: Vec<(&Path, &str)> = owned.iter().map(|(p, t)| (p.as_path(), *t)).collect();
         from_texts(&refs)
     }
@@ -991,12 +1101,19 @@ name = "root"
 sources = ["account", "account2"]
 write = "none"
 "#;
-        let s = load_texts(&[("/m.toml", MAIN), ("/config.d/10-a.toml", d1), ("/config.d/20-b.toml", d2)]).unwrap();
+        let s = load_texts(&[
+            ("/m.toml", MAIN),
+            ("/config.d/10-a.toml", d1),
+            ("/config.d/20-b.toml", d2),
+        ])
+        .unwrap();
         let src = &s.sources["account"];
         // d1 set interval, d2 set jitter; the main file's api_key_env survives.
         assert_eq!(src.interval, Duration::from_secs(5));
         assert_eq!(src.jitter, Duration::ZERO);
-        assert!(matches!(&src.kind, SourceKind::Vast { api_key, .. } if api_key.api_key_env == "MY_KEY"));
+        assert!(
+            matches!(&src.kind, SourceKind::Vast { api_key, .. } if api_key.api_key_env == "MY_KEY")
+        );
         // root replaced in place (keeps its position), alice appended.
         let names: Vec<_> = s.users.iter().map(|u| u.name.as_str()).collect();
         assert_eq!(names, ["root", "alice"]);
@@ -1011,8 +1128,16 @@ write = "none"
         let main = dir.path().join("config.toml");
         std::fs::write(&main, MAIN).unwrap();
         std::fs::create_dir(dir.path().join("config.d")).unwrap();
-        std::fs::write(dir.path().join("config.d/b.toml"), "[sources.account]\ninterval = \"2s\"\n").unwrap();
-        std::fs::write(dir.path().join("config.d/a.toml"), "[sources.account]\ninterval = \"1s\"\n").unwrap();
+        std::fs::write(
+            dir.path().join("config.d/b.toml"),
+            "[sources.account]\ninterval = \"2s\"\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("config.d/a.toml"),
+            "[sources.account]\ninterval = \"1s\"\n",
+        )
+        .unwrap();
         std::fs::write(dir.path().join("config.d/c.txt"), "not toml at all [").unwrap();
         let s = load(&main).unwrap();
         assert_eq!(s.sources["account"].interval, Duration::from_secs(2));
@@ -1022,7 +1147,9 @@ write = "none"
     #[test]
     fn unknown_key_names_file_line_and_field() {
         let bad = "state_dir = \"/x\"\n\n[policy]\nmin_rsa_bit = 2048\n";
-        let err = load_texts(&[("/etc/keysync/config.toml", bad)]).unwrap_err().to_string();
+        let err = load_texts(&[("/etc/keysync/config.toml", bad)])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/etc/keysync/config.toml"), "{err}");
         assert!(err.contains("line 4"), "{err}");
         assert!(err.contains("min_rsa_bit"), "{err}");
@@ -1032,7 +1159,10 @@ write = "none"
     fn bad_duration_names_file_line_and_field() {
         let bad = MAIN.replace("interval = \"60s\"", "interval = \"soon\"");
         let err = load_texts(&[("/c.toml", &bad)]).unwrap_err().to_string();
-        assert!(err.contains("/c.toml, line 7: sources.account.interval"), "{err}");
+        assert!(
+            err.contains("/c.toml, line 7: sources.account.interval"),
+            "{err}"
+        );
         let zero = MAIN.replace("interval = \"60s\"", "interval = \"0s\"");
         let err = load_texts(&[("/c.toml", &zero)]).unwrap_err().to_string();
         assert!(err.contains("greater than zero"), "{err}");
@@ -1048,7 +1178,9 @@ write = "none"
     #[test]
     fn undefined_source_is_an_error_in_the_dropin_that_names_it() {
         let d = "[[users]]\nname = \"bob\"\nsources = [\"nope\"]\n";
-        let err = load_texts(&[("/m.toml", MAIN), ("/config.d/x.toml", d)]).unwrap_err().to_string();
+        let err = load_texts(&[("/m.toml", MAIN), ("/config.d/x.toml", d)])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/config.d/x.toml, line 3"), "{err}");
         assert!(err.contains("undefined source \"nope\""), "{err}");
     }
@@ -1064,23 +1196,39 @@ write = "none"
             ("https://example.com/x?q=1", true),
             ("ftp://example.com/x", false),
         ] {
-            let text = MAIN.replace("kind = \"vast\"", &format!("kind = \"vast\"\nurl = \"{url}\""));
+            let text = MAIN.replace(
+                "kind = \"vast\"",
+                &format!("kind = \"vast\"\nurl = \"{url}\""),
+            );
             assert_eq!(load_texts(&[("/c.toml", &text)]).is_ok(), ok, "{url}");
         }
     }
 
     #[test]
     fn url_kept_exactly_with_query() {
-        let text = MAIN.replace("kind = \"vast\"", "kind = \"vast\"\nurl = \"https://h.example/api/v0/ssh/?owner=me&x=1\"");
+        let text = MAIN.replace(
+            "kind = \"vast\"",
+            "kind = \"vast\"\nurl = \"https://h.example/api/v0/ssh/?owner=me&x=1\"",
+        );
         let s = load_texts(&[("/c.toml", &text)]).unwrap();
-        assert!(matches!(&s.sources["account"].kind, SourceKind::Vast { url, .. } if url == "https://h.example/api/v0/ssh/?owner=me&x=1"));
+        assert!(
+            matches!(&s.sources["account"].kind, SourceKind::Vast { url, .. } if url == "https://h.example/api/v0/ssh/?owner=me&x=1")
+        );
     }
 
     #[test]
     fn ssh_dss_and_unknown_algorithms_refused() {
-        let text = format!("{MAIN}\n[policy]\nallowed_algorithms = [\"ssh-ed25519\", \"ssh-dss\"]\n");
-        assert!(load_texts(&[("/c.toml", &text)]).unwrap_err().to_string().contains("ssh-dss"));
-        let text = format!("{MAIN}\n[policy]\nallowed_algorithms = [\"ssh-ed25519\"]\nmax_stale = \"24h\"\n");
+        let text =
+            format!("{MAIN}\n[policy]\nallowed_algorithms = [\"ssh-ed25519\", \"ssh-dss\"]\n");
+        assert!(
+            load_texts(&[("/c.toml", &text)])
+                .unwrap_err()
+                .to_string()
+                .contains("ssh-dss")
+        );
+        let text = format!(
+            "{MAIN}\n[policy]\nallowed_algorithms = [\"ssh-ed25519\"]\nmax_stale = \"24h\"\n"
+        );
         let s = load_texts(&[("/c.toml", &text)]).unwrap();
         assert_eq!(s.policy.keys.allowed_algorithms, ["ssh-ed25519"]);
         assert_eq!(s.policy.max_stale, Some(Duration::from_secs(86400)));
@@ -1097,7 +1245,10 @@ write = "none"
 
     #[test]
     fn check_config_output_has_no_secret_and_round_trips_kinds() {
-        let text = MAIN.replace("kind = \"vast\"", "kind = \"vast\"\nurl = \"https://u:hunter2@h.example/api/v0/ssh/\"");
+        let text = MAIN.replace(
+            "kind = \"vast\"",
+            "kind = \"vast\"\nurl = \"https://u:hunter2@h.example/api/v0/ssh/\"",
+        );
         let s = load_texts(&[("/c.toml", &text)]).unwrap();
         let out = s.to_redacted_toml();
         assert!(!out.contains("hunter2"), "{out}");
@@ -1133,12 +1284,15 @@ write = "none"
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let mut seen = 0;
         for dir in ["examples", "packaging"] {
-            let Ok(entries) = std::fs::read_dir(root.join(dir)) else { continue };
+            let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
+                continue;
+            };
             for entry in entries.flatten() {
                 let path = entry.path();
                 if path.extension().is_some_and(|e| e == "toml") {
                     let text = std::fs::read_to_string(&path).unwrap();
-                    from_texts(&[(&path, &text)]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    from_texts(&[(&path, &text)])
+                        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                     seen += 1;
                 }
             }

@@ -39,7 +39,11 @@ pub enum Plan {
     Write(KeySet),
     /// A mass removal waits for confirmation: keep the files as they are, and
     /// fetch the user's sources again at `at`.
-    Confirm { keep: Option<KeySet>, at: Instant, sources: Vec<String> },
+    Confirm {
+        keep: Option<KeySet>,
+        at: Instant,
+        sources: Vec<String>,
+    },
     /// Some sources never answered: nothing is written for this user yet.
     Waiting { sources: Vec<String> },
 }
@@ -66,7 +70,8 @@ impl Engine {
     pub fn configure(&mut self, settings: &Settings) {
         self.confirm_delay = settings.policy.confirm_delay;
         self.max_stale = settings.policy.max_stale;
-        self.sources.retain(|name, _| settings.sources.contains_key(name));
+        self.sources
+            .retain(|name, _| settings.sources.contains_key(name));
         for name in settings.sources.keys() {
             self.sources.entry(name.clone()).or_insert(SourceSlot {
                 good: None,
@@ -78,7 +83,8 @@ impl Engine {
             .iter()
             .map(|u| (u.name.clone(), u.sources.clone()))
             .collect();
-        self.pending.retain(|u, _| settings.users.iter().any(|s| &s.name == u));
+        self.pending
+            .retain(|u, _| settings.users.iter().any(|s| &s.name == u));
     }
 
     /// Seeds a source with its persisted last good answer (at start).
@@ -139,7 +145,9 @@ impl Engine {
 
     fn is_stale(&self, good: &LastGood, wall: SystemTime) -> bool {
         match self.max_stale {
-            Some(max) => wall.duration_since(good.fetched_at).is_ok_and(|age| age > max),
+            Some(max) => wall
+                .duration_since(good.fetched_at)
+                .is_ok_and(|age| age > max),
             None => false,
         }
     }
@@ -156,7 +164,9 @@ impl Engine {
     /// Decides what `user`'s files should hold now.
     pub fn plan(&mut self, user: &str, now: Instant, wall: SystemTime) -> Plan {
         let Some(sources) = self.users.get(user).cloned() else {
-            return Plan::Waiting { sources: Vec::new() };
+            return Plan::Waiting {
+                sources: Vec::new(),
+            };
         };
         let mut sets = Vec::new();
         let mut waiting = Vec::new();
@@ -196,12 +206,22 @@ impl Engine {
                     self.pending.remove(user);
                     Plan::Write(desired)
                 } else {
-                    Plan::Confirm { keep, at: due, sources }
+                    Plan::Confirm {
+                        keep,
+                        at: due,
+                        sources,
+                    }
                 }
             }
             _ => {
                 let at = now + self.confirm_delay;
-                self.pending.insert(user.to_string(), Pending { desired, since: now });
+                self.pending.insert(
+                    user.to_string(),
+                    Pending {
+                        desired,
+                        since: now,
+                    },
+                );
                 Plan::Confirm { keep, at, sources }
             }
         }
@@ -245,7 +265,9 @@ mod tests {
     fn settings(max_stale: Option<Duration>) -> Settings {
         let source = |name: &str| SourceSettings {
             name: name.into(),
-            kind: SourceKind::File { path: PathBuf::from("/x") },
+            kind: SourceKind::File {
+                path: PathBuf::from("/x"),
+            },
             interval: Duration::from_secs(60),
             jitter: Duration::ZERO,
             timeout: Duration::from_secs(10),
@@ -260,7 +282,11 @@ mod tests {
             files: vec![],
             state_dir: PathBuf::from("/tmp"),
             health_socket: PathBuf::from("/tmp/s"),
-            sources: [("a".to_string(), source("a")), ("b".to_string(), source("b"))].into(),
+            sources: [
+                ("a".to_string(), source("a")),
+                ("b".to_string(), source("b")),
+            ]
+            .into(),
             users: vec![UserSettings {
                 name: "u".into(),
                 sources: vec!["a".into(), "b".into()],
@@ -280,7 +306,12 @@ mod tests {
         let mut e = Engine::new(&settings(None));
         let (t, w) = (Instant::now(), SystemTime::now());
         e.answer("a", good(&[1, 2], w), t);
-        assert_eq!(e.plan("u", t, w), Plan::Waiting { sources: vec!["b".into()] });
+        assert_eq!(
+            e.plan("u", t, w),
+            Plan::Waiting {
+                sources: vec!["b".into()]
+            }
+        );
         e.answer("b", good(&[2, 3], w), t);
         assert_eq!(e.plan("u", t, w), Plan::Write(set(&[1, 2, 3])));
     }
@@ -292,7 +323,9 @@ mod tests {
         e.set_applied("u", set(&[1, 2, 3, 4]));
         e.answer("a", good(&[1], w), t0);
         e.answer("b", good(&[], w), t0);
-        let Plan::Confirm { keep, at, .. } = e.plan("u", t0, w) else { panic!() };
+        let Plan::Confirm { keep, at, .. } = e.plan("u", t0, w) else {
+            panic!()
+        };
         assert_eq!(keep, Some(set(&[1, 2, 3, 4])));
         assert_eq!(at, t0 + Duration::from_secs(5));
         // Asking again before the second fetch changes nothing.

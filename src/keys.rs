@@ -131,10 +131,16 @@ pub fn parse_entry(entry: &str, policy: &Policy) -> Result<Key, KeyError> {
     if text.is_empty() {
         return Err(KeyError::Empty);
     }
-    if let Some(c) = text.chars().find(|&c| (c.is_control() && c != '\t') || is_line_break(c)) {
+    if let Some(c) = text
+        .chars()
+        .find(|&c| (c.is_control() && c != '\t') || is_line_break(c))
+    {
         return Err(KeyError::ControlCharacter(c));
     }
-    if text.contains("PRIVATE KEY") || text.starts_with("-----BEGIN") || text.contains("b3BlbnNzaC1rZXktdjE") {
+    if text.contains("PRIVATE KEY")
+        || text.starts_with("-----BEGIN")
+        || text.contains("b3BlbnNzaC1rZXktdjE")
+    {
         return Err(KeyError::PrivateKey);
     }
 
@@ -308,7 +314,10 @@ impl fmt::Display for Rejected {
 }
 
 /// Validates a list of entries: good keys deduplicated, bad ones reported.
-pub fn parse_entries<'a>(entries: impl IntoIterator<Item = &'a str>, policy: &Policy) -> (KeySet, Vec<Rejected>) {
+pub fn parse_entries<'a>(
+    entries: impl IntoIterator<Item = &'a str>,
+    policy: &Policy,
+) -> (KeySet, Vec<Rejected>) {
     let mut good = Vec::new();
     let mut bad = Vec::new();
     for (index, entry) in entries.into_iter().enumerate() {
@@ -361,22 +370,61 @@ mod tests {
     fn rejects_every_hostile_shape() {
         let p = policy();
         let injected = format!("{ALICE}\n{BOB}");
-        assert!(matches!(parse_entry(&injected, &p), Err(KeyError::ControlCharacter('\n'))));
+        assert!(matches!(
+            parse_entry(&injected, &p),
+            Err(KeyError::ControlCharacter('\n'))
+        ));
         let injected_cr = format!("{ALICE}\rcommand=\"x\" {BOB}");
-        assert!(matches!(parse_entry(&injected_cr, &p), Err(KeyError::ControlCharacter('\r'))));
-        assert!(matches!(parse_entry(&format!("{ALICE}\u{7}"), &p), Err(KeyError::ControlCharacter(_))));
-        assert!(matches!(parse_entry("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIN7rZ17cV9ag1ih2ph/mjt/dQyeQsJHFDMID9ZaAPkRi a\u{2028}b", &p), Err(KeyError::ControlCharacter(_))));
-        assert!(matches!(parse_entry(&format!("command=\"/bin/sh\" {ALICE}"), &p), Err(KeyError::HasOptions(_))));
-        assert!(matches!(parse_entry(&format!("no-pty,from=\"10.0.0.0/8\" {ALICE}"), &p), Err(KeyError::HasOptions(_))));
-        assert!(matches!(parse_entry("-----BEGIN OPENSSH PRIVATE KEY-----", &p), Err(KeyError::PrivateKey)));
+        assert!(matches!(
+            parse_entry(&injected_cr, &p),
+            Err(KeyError::ControlCharacter('\r'))
+        ));
+        assert!(matches!(
+            parse_entry(&format!("{ALICE}\u{7}"), &p),
+            Err(KeyError::ControlCharacter(_))
+        ));
+        assert!(matches!(
+            parse_entry(
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIN7rZ17cV9ag1ih2ph/mjt/dQyeQsJHFDMID9ZaAPkRi a\u{2028}b",
+                &p
+            ),
+            Err(KeyError::ControlCharacter(_))
+        ));
+        assert!(matches!(
+            parse_entry(&format!("command=\"/bin/sh\" {ALICE}"), &p),
+            Err(KeyError::HasOptions(_))
+        ));
+        assert!(matches!(
+            parse_entry(&format!("no-pty,from=\"10.0.0.0/8\" {ALICE}"), &p),
+            Err(KeyError::HasOptions(_))
+        ));
+        assert!(matches!(
+            parse_entry("-----BEGIN OPENSSH PRIVATE KEY-----", &p),
+            Err(KeyError::PrivateKey)
+        ));
         assert!(matches!(parse_entry(DSS, &p), Err(KeyError::Dss)));
-        assert!(matches!(parse_entry(RSA1024, &p), Err(KeyError::RsaTooShort { bits: 1024, min: 2048 })));
+        assert!(matches!(
+            parse_entry(RSA1024, &p),
+            Err(KeyError::RsaTooShort {
+                bits: 1024,
+                min: 2048
+            })
+        ));
         let long_comment = format!("{ALICE} {}", "x".repeat(20 * 1024));
-        assert!(matches!(parse_entry(&long_comment, &p), Err(KeyError::TooLong(_))));
+        assert!(matches!(
+            parse_entry(&long_comment, &p),
+            Err(KeyError::TooLong(_))
+        ));
         assert!(matches!(parse_entry("", &p), Err(KeyError::Empty)));
         assert!(matches!(parse_entry("   \t ", &p), Err(KeyError::Empty)));
-        assert!(matches!(parse_entry("ssh-ed25519 AAAAnotbase64!!", &p), Err(KeyError::Unparsable(_))));
-        assert!(matches!(parse_entry("ssh-ed25519", &p), Err(KeyError::Unparsable(_))));
+        assert!(matches!(
+            parse_entry("ssh-ed25519 AAAAnotbase64!!", &p),
+            Err(KeyError::Unparsable(_))
+        ));
+        assert!(matches!(
+            parse_entry("ssh-ed25519", &p),
+            Err(KeyError::Unparsable(_))
+        ));
         assert!(parse_entry("hello world", &p).is_err());
         // The blob's inner type must match the named type.
         let mismatched = ALICE.replace("ssh-ed25519 ", "ssh-rsa ");
@@ -390,8 +438,14 @@ mod tests {
             ..policy()
         };
         let key = parse_entry(&format!("command=\"echo hi there\",no-pty {ALICE}"), &p).unwrap();
-        assert_eq!(key.options.as_deref(), Some("command=\"echo hi there\",no-pty"));
-        assert_eq!(key.line(Some("restrict")), format!("restrict,command=\"echo hi there\",no-pty {ALICE}"));
+        assert_eq!(
+            key.options.as_deref(),
+            Some("command=\"echo hi there\",no-pty")
+        );
+        assert_eq!(
+            key.line(Some("restrict")),
+            format!("restrict,command=\"echo hi there\",no-pty {ALICE}")
+        );
     }
 
     #[test]
@@ -400,14 +454,20 @@ mod tests {
             allowed_algorithms: vec!["ssh-rsa".into()],
             ..policy()
         };
-        assert!(matches!(parse_entry(ALICE, &p), Err(KeyError::AlgorithmNotAllowed(_))));
+        assert!(matches!(
+            parse_entry(ALICE, &p),
+            Err(KeyError::AlgorithmNotAllowed(_))
+        ));
     }
 
     #[test]
     fn comments_trimmed_and_cut_at_char_boundary() {
         let key = parse_entry(&format!("  {ALICE}\t \r\n"), &policy()).unwrap();
         assert_eq!(key.comment, "alice@laptop");
-        let long = format!("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIN7rZ17cV9ag1ih2ph/mjt/dQyeQsJHFDMID9ZaAPkRi {}", "é".repeat(200));
+        let long = format!(
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIN7rZ17cV9ag1ih2ph/mjt/dQyeQsJHFDMID9ZaAPkRi {}",
+            "é".repeat(200)
+        );
         let key = parse_entry(&long, &policy()).unwrap();
         assert!(key.comment.len() <= MAX_COMMENT_BYTES);
         assert!(key.comment.chars().all(|c| c == 'é'));

@@ -158,7 +158,10 @@ mod tests {
     #[test]
     fn empty_file_gets_block_or_stays_empty() {
         assert_eq!(merge_block(Some(b""), &[]).unwrap(), b"");
-        assert_eq!(s(&merge_block(Some(b""), &lines(1)).unwrap()), format!("{BEGIN}\nssh-ed25519 KEY0 k0\n{END}\n"));
+        assert_eq!(
+            s(&merge_block(Some(b""), &lines(1)).unwrap()),
+            format!("{BEGIN}\nssh-ed25519 KEY0 k0\n{END}\n")
+        );
     }
 
     #[test]
@@ -166,7 +169,9 @@ mod tests {
         let out = merge_block(Some(b"ssh-rsa FOREIGN platform\n"), &lines(2)).unwrap();
         assert_eq!(
             s(&out),
-            format!("ssh-rsa FOREIGN platform\n{BEGIN}\nssh-ed25519 KEY0 k0\nssh-ed25519 KEY1 k1\n{END}\n")
+            format!(
+                "ssh-rsa FOREIGN platform\n{BEGIN}\nssh-ed25519 KEY0 k0\nssh-ed25519 KEY1 k1\n{END}\n"
+            )
         );
     }
 
@@ -175,14 +180,20 @@ mod tests {
         let out = merge_block(Some(b"ssh-rsa FOREIGN"), &lines(1)).unwrap();
         assert!(s(&out).starts_with("ssh-rsa FOREIGN\n# BEGIN"));
         // Without keys nothing changes, not even the missing newline.
-        assert_eq!(merge_block(Some(b"ssh-rsa FOREIGN"), &[]).unwrap(), b"ssh-rsa FOREIGN");
+        assert_eq!(
+            merge_block(Some(b"ssh-rsa FOREIGN"), &[]).unwrap(),
+            b"ssh-rsa FOREIGN"
+        );
     }
 
     #[test]
     fn block_replaced_in_place_keeping_neighbours() {
         let before = format!("a\r\n{BEGIN}\nold\n{END}\nb\n");
         let out = merge_block(Some(before.as_bytes()), &lines(1)).unwrap();
-        assert_eq!(s(&out), format!("a\r\n{BEGIN}\nssh-ed25519 KEY0 k0\n{END}\nb\n"));
+        assert_eq!(
+            s(&out),
+            format!("a\r\n{BEGIN}\nssh-ed25519 KEY0 k0\n{END}\nb\n")
+        );
         let removed = merge_block(Some(before.as_bytes()), &[]).unwrap();
         assert_eq!(s(&removed), "a\r\nb\n");
     }
@@ -191,7 +202,10 @@ mod tests {
     fn crlf_markers_recognised_and_foreign_crlf_kept() {
         let before = format!("x\r\n{BEGIN}\r\nold\r\n{END}\r\ny\r\n");
         let out = merge_block(Some(before.as_bytes()), &lines(1)).unwrap();
-        assert_eq!(s(&out), format!("x\r\n{BEGIN}\nssh-ed25519 KEY0 k0\n{END}\ny\r\n"));
+        assert_eq!(
+            s(&out),
+            format!("x\r\n{BEGIN}\nssh-ed25519 KEY0 k0\n{END}\ny\r\n")
+        );
     }
 
     #[test]
@@ -205,13 +219,19 @@ mod tests {
     fn two_blocks_become_one() {
         let before = format!("a\n{BEGIN}\nold1\n{END}\nb\n{BEGIN}\nold2\n{END}\nc\n");
         let out = merge_block(Some(before.as_bytes()), &lines(1)).unwrap();
-        assert_eq!(s(&out), format!("a\n{BEGIN}\nssh-ed25519 KEY0 k0\n{END}\nb\nc\n"));
+        assert_eq!(
+            s(&out),
+            format!("a\n{BEGIN}\nssh-ed25519 KEY0 k0\n{END}\nb\nc\n")
+        );
     }
 
     #[test]
     fn stray_end_dropped() {
         let before = format!("a\n{END}\nb\n");
-        assert_eq!(s(&merge_block(Some(before.as_bytes()), &[]).unwrap()), "a\nb\n");
+        assert_eq!(
+            s(&merge_block(Some(before.as_bytes()), &[]).unwrap()),
+            "a\nb\n"
+        );
     }
 
     #[test]
@@ -232,7 +252,13 @@ mod tests {
         // Any line that is not one of our markers, with LF or CRLF.
         ("[^\n]{0,30}", prop::bool::ANY)
             .prop_filter("not a marker", |(l, _)| marker(l.as_bytes()).is_none())
-            .prop_map(|(l, crlf)| if crlf { format!("{l}\r\n") } else { format!("{l}\n") })
+            .prop_map(|(l, crlf)| {
+                if crlf {
+                    format!("{l}\r\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
     }
 
     proptest! {

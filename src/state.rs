@@ -77,7 +77,9 @@ impl StateDir {
     }
 
     pub fn source_path(&self, name: &str) -> PathBuf {
-        self.root.join("sources").join(format!("{}.json", file_safe(name)))
+        self.root
+            .join("sources")
+            .join(format!("{}.json", file_safe(name)))
     }
 
     pub fn cache_path(&self, user: &str) -> PathBuf {
@@ -187,7 +189,9 @@ impl StateDir {
 /// The cache file of a user under a state dir (also used by the hook, which
 /// must not do any other work).
 pub fn cache_path(state_dir: &Path, user: &str) -> PathBuf {
-    state_dir.join("users").join(format!("{}.keys", file_safe(user)))
+    state_dir
+        .join("users")
+        .join(format!("{}.keys", file_safe(user)))
 }
 
 /// Names come from the config (validated) or sshd's `%u`; never let one
@@ -214,8 +218,14 @@ mod tests {
             etag: Some("\"v1\"".into()),
             fetched_at: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
         };
-        assert_eq!(state.save_source("account", &good).unwrap(), Outcome::Written);
-        assert_eq!(state.save_source("account", &good).unwrap(), Outcome::Unchanged);
+        assert_eq!(
+            state.save_source("account", &good).unwrap(),
+            Outcome::Written
+        );
+        assert_eq!(
+            state.save_source("account", &good).unwrap(),
+            Outcome::Unchanged
+        );
         assert_eq!(state.load_source("account", &Policy::default()), Some(good));
         assert_eq!(state.load_source("other", &Policy::default()), None);
     }
@@ -246,6 +256,9 @@ mod tests {
         assert_eq!(meta.permissions().mode() & 0o777, 0o640);
         assert_eq!(state.cached_users(), ["alice"]);
         assert_eq!(state.load_cache("alice").unwrap(), b"x\n");
-        assert_eq!(cache_path(dir.path(), "../etc/passwd"), dir.path().join("users/.._etc_passwd.keys"));
+        assert_eq!(
+            cache_path(dir.path(), "../etc/passwd"),
+            dir.path().join("users/.._etc_passwd.keys")
+        );
     }
 }

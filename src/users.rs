@@ -128,17 +128,35 @@ mod tests {
 
     #[test]
     fn home_paths_act_as_the_user() {
-        let spec = home_file_spec(&user(WriteMode::Block, Some("~/.ssh/authorized_keys")), &account(1000)).unwrap();
+        let spec = home_file_spec(
+            &user(WriteMode::Block, Some("~/.ssh/authorized_keys")),
+            &account(1000),
+        )
+        .unwrap();
         assert_eq!(spec.path, PathBuf::from("/home/alice/.ssh/authorized_keys"));
         assert_eq!(spec.base, PathBuf::from("/home/alice"));
-        assert_eq!(spec.act_as, Some((Uid::from_raw(1000), Gid::from_raw(1000))));
-        let root = home_file_spec(&user(WriteMode::Block, Some("~/.ssh/authorized_keys")), &account(0)).unwrap();
+        assert_eq!(
+            spec.act_as,
+            Some((Uid::from_raw(1000), Gid::from_raw(1000)))
+        );
+        let root = home_file_spec(
+            &user(WriteMode::Block, Some("~/.ssh/authorized_keys")),
+            &account(0),
+        )
+        .unwrap();
         assert_eq!(root.act_as, None);
     }
 
     #[test]
     fn outside_home_is_root_administered() {
-        let spec = home_file_spec(&user(WriteMode::Fragment, Some("/etc/keysync-test-none/keys/alice")), &account(1000)).unwrap();
+        let spec = home_file_spec(
+            &user(
+                WriteMode::Fragment,
+                Some("/etc/keysync-test-none/keys/alice"),
+            ),
+            &account(1000),
+        )
+        .unwrap();
         assert_eq!(spec.base, PathBuf::from("/etc"));
         assert_eq!(spec.act_as, None);
         assert!(home_file_spec(&user(WriteMode::None, None), &account(1000)).is_none());
@@ -147,6 +165,9 @@ mod tests {
     #[test]
     fn root_exists_and_nobody_else_is_made_up() {
         assert_eq!(lookup("root").unwrap().uid, Uid::from_raw(0));
-        assert!(matches!(lookup("no-such-user-keysync-test"), Err(UserError::NoSuchUser(_))));
+        assert!(matches!(
+            lookup("no-such-user-keysync-test"),
+            Err(UserError::NoSuchUser(_))
+        ));
     }
 }

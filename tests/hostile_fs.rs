@@ -34,8 +34,8 @@ use std::time::{Duration, Instant};
 use keysync::write::{self, FileSpec, Outcome, WriteError};
 use nix::unistd::{Gid, Uid};
 use support::agent::{TestEnv, bin, block_keys, blocking, eventually, require_root};
-use support::users::TestUser;
 use support::fake_cp::{FakeControlPlane, gen_ed25519_keys};
+use support::users::TestUser;
 
 /// Generous deadline for "eventually" conditions on a loaded 2-core machine.
 const DEADLINE: Duration = Duration::from_secs(20);

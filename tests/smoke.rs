@@ -20,7 +20,11 @@ async fn run_once_writes_the_fixture_list() {
     })
     .await
     .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let keys = block_keys(&env.read_target().unwrap());
     let [alice, bob, retired] = fixture_keys();
     assert_eq!(keys, [alice, bob]);

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal;
 use support::agent::{Agent, TestEnv, bin, block_keys, blocking, eventually, require_root};
-use support::users::TestUser;
 use support::fake_cp::{Endpoint, FakeControlPlane, Fault, Shape, fixture_keys, gen_ed25519_keys};
+use support::users::TestUser;
 
 /// Generous deadline for "eventually" conditions on a loaded 2-core machine.
 const DEADLINE: Duration = Duration::from_secs(20);

@@ -70,11 +70,21 @@ pub enum Command {
 /// Runs a parsed command line; returns the exit code.
 pub fn dispatch(cli: Cli) -> u8 {
     match cli.command {
-        Command::Run { config, once, log_format } => run::main(&config, once, log_format),
-        Command::AuthorizedKeys { state_dir, user, fingerprint } => {
-            authorized_keys::main(&state_dir, &user, fingerprint.as_deref())
-        }
-        Command::Status { socket, json, check } => status::main(&socket, json, check),
+        Command::Run {
+            config,
+            once,
+            log_format,
+        } => run::main(&config, once, log_format),
+        Command::AuthorizedKeys {
+            state_dir,
+            user,
+            fingerprint,
+        } => authorized_keys::main(&state_dir, &user, fingerprint.as_deref()),
+        Command::Status {
+            socket,
+            json,
+            check,
+        } => status::main(&socket, json, check),
         Command::CheckConfig { config } => check_config::main(&config),
     }
 }

@@ -38,7 +38,10 @@ impl FileSource {
         };
         let meta = tokio::fs::metadata(&self.path).await.map_err(unreadable)?;
         if !meta.is_file() {
-            return Err(SourceError::transient(format!("{} is not a regular file", self.path.display())));
+            return Err(SourceError::transient(format!(
+                "{} is not a regular file",
+                self.path.display()
+            )));
         }
         if meta.len() > self.max_body {
             return Err(SourceError::transient(format!(
@@ -47,14 +50,23 @@ impl FileSource {
                 self.max_body
             )));
         }
-        let identity = (meta.dev(), meta.ino(), meta.len(), meta.mtime(), meta.mtime_nsec());
+        let identity = (
+            meta.dev(),
+            meta.ino(),
+            meta.len(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+        );
         if self.seen == Some(identity) {
             return Ok(Answer::Unchanged);
         }
         let bytes = tokio::fs::read(&self.path).await.map_err(unreadable)?;
         let entries = parse_file(&bytes)?;
         self.seen = Some(identity);
-        Ok(Answer::List { entries, etag: None })
+        Ok(Answer::List {
+            entries,
+            etag: None,
+        })
     }
 }
 
@@ -64,7 +76,8 @@ pub fn parse_file(bytes: &[u8]) -> Result<Vec<String>, SourceError> {
     if matches!(first, Some(b'[') | Some(b'{')) {
         return parse_list(bytes).map_err(SourceError::transient);
     }
-    let text = std::str::from_utf8(bytes).map_err(|_| SourceError::transient("key file is not valid UTF-8"))?;
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| SourceError::transient("key file is not valid UTF-8"))?;
     Ok(authorized_keys_entries(text))
 }
 
@@ -86,19 +99,37 @@ mod tests {
         let mut src = FileSource::new(path.clone(), 1 << 20);
         assert_eq!(
             src.fetch().await.unwrap(),
-            Answer::List { entries: vec!["ssh-ed25519 AAAA a".into()], etag: None }
+            Answer::List {
+                entries: vec!["ssh-ed25519 AAAA a".into()],
+                etag: None
+            }
         );
         assert_eq!(src.fetch().await.unwrap(), Answer::Unchanged);
         std::fs::write(&path, r#"{"ssh_keys":[{"ssh_key":"ssh-ed25519 BBBB b"}]}"#).unwrap();
         assert_eq!(
             src.fetch().await.unwrap(),
-            Answer::List { entries: vec!["ssh-ed25519 BBBB b".into()], etag: None }
+            Answer::List {
+                entries: vec!["ssh-ed25519 BBBB b".into()],
+                etag: None
+            }
         );
         std::fs::write(&path, "").unwrap();
-        assert_eq!(src.fetch().await.unwrap(), Answer::List { entries: vec![], etag: None });
+        assert_eq!(
+            src.fetch().await.unwrap(),
+            Answer::List {
+                entries: vec![],
+                etag: None
+            }
+        );
         std::fs::remove_file(&path).unwrap();
-        assert!(matches!(src.fetch().await, Err(SourceError::Transient { .. })));
+        assert!(matches!(
+            src.fetch().await,
+            Err(SourceError::Transient { .. })
+        ));
         std::fs::write(&path, "[broken").unwrap();
-        assert!(matches!(src.fetch().await, Err(SourceError::Transient { .. })));
+        assert!(matches!(
+            src.fetch().await,
+            Err(SourceError::Transient { .. })
+        ));
     }
 }

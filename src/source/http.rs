@@ -16,11 +16,41 @@ pub fn user_agent() -> String {
     format!("keysync/{}", env!("CARGO_PKG_VERSION"))
 }
 
+/// CA bundles where distributions keep the system's roots (the files
+/// openssl-probe, and so rustls-native-certs, looks for).
+const SYSTEM_CA_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/pki/tls/cacert.pem",
+    "/etc/ssl/cert.pem",
+];
+
+/// Whether the system has roots of its own (`SSL_CERT_FILE`/`SSL_CERT_DIR`
+/// or a distribution's bundle). Then only those are trusted, so a CA an
+/// operator removed stays removed; a minimal container image without any
+/// gets the bundled Mozilla roots instead (DESIGN.md §5). Loading one set
+/// rather than both also keeps a few hundred KiB of parsed roots out of
+/// each client.
+fn system_roots_present() -> bool {
+    if let Some(file) = std::env::var_os("SSL_CERT_FILE") {
+        return std::path::Path::new(&file).is_file();
+    }
+    std::env::var_os("SSL_CERT_DIR").is_some()
+        || SYSTEM_CA_BUNDLES
+            .iter()
+            .any(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.len() > 0))
+}
+
 /// Builds the client for one source. Redirects are followed only within the
 /// same origin (at most 5), so credentials never reach another host.
 pub fn client(settings: &SourceSettings) -> Result<Client, SourceError> {
+    let system_roots = system_roots_present();
     let mut builder = Client::builder()
         .use_rustls_tls()
+        .tls_built_in_native_certs(system_roots)
+        .tls_built_in_webpki_certs(!system_roots)
         .user_agent(user_agent())
         .timeout(settings.timeout)
         .connect_timeout(settings.timeout.min(Duration::from_secs(10)))
@@ -39,10 +69,11 @@ pub fn client(settings: &SourceSettings) -> Result<Client, SourceError> {
             what: format!("cannot read ca_file {}", ca.display()),
             source: Some(Box::new(e)),
         })?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| SourceError::Rejected {
-            what: format!("bad ca_file {}", ca.display()),
-            source: Some(Box::new(e)),
-        })?;
+        let certs =
+            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| SourceError::Rejected {
+                what: format!("bad ca_file {}", ca.display()),
+                source: Some(Box::new(e)),
+            })?;
         for cert in certs {
             builder = builder.add_root_certificate(cert);
         }
@@ -89,7 +120,11 @@ pub async fn get(
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(Response { status, headers, body })
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
 }
 
 fn too_large(max_body: u64, retry_after: Option<Duration>) -> SourceError {
@@ -126,7 +161,10 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     let when = httpdate::parse_http_date(value).ok()?;
-    Some(when.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        when.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 /// The strong or weak ETag of a response, if any.
@@ -155,13 +193,16 @@ pub fn classify(response: &Response) -> Option<SourceError> {
             "server answered {status}: check the API key and its scope"
         )));
     }
-    if status.is_success() || status == StatusCode::NOT_MODIFIED || status == StatusCode::NOT_FOUND {
+    if status.is_success() || status == StatusCode::NOT_MODIFIED || status == StatusCode::NOT_FOUND
+    {
         return None;
     }
     if status.is_client_error() {
         return Some(SourceError::rejected(format!("server answered {status}")));
     }
-    Some(SourceError::transient(format!("unexpected status {status}")))
+    Some(SourceError::transient(format!(
+        "unexpected status {status}"
+    )))
 }
 
 /// Parses a configured URL (validated at config load).
@@ -181,7 +222,11 @@ pub struct HttpSource {
 }
 
 impl HttpSource {
-    pub fn new(settings: &SourceSettings, url: &str, etag: Option<String>) -> Result<Self, SourceError> {
+    pub fn new(
+        settings: &SourceSettings,
+        url: &str,
+        etag: Option<String>,
+    ) -> Result<Self, SourceError> {
         Ok(HttpSource {
             client: client(settings)?,
             url: parse_url(url)?,
@@ -193,7 +238,14 @@ impl HttpSource {
     async fn fetch_once(&mut self) -> Result<Answer, SourceError> {
         let mut headers = HeaderMap::new();
         headers.insert(header::ACCEPT, HeaderValue::from_static("text/plain, */*"));
-        let response = get(&self.client, &self.url, headers, self.etag.as_deref(), self.max_body).await?;
+        let response = get(
+            &self.client,
+            &self.url,
+            headers,
+            self.etag.as_deref(),
+            self.max_body,
+        )
+        .await?;
         if let Some(err) = classify(&response) {
             return Err(err);
         }
@@ -246,13 +298,19 @@ mod tests {
         let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(30));
         h.insert(header::RETRY_AFTER, HeaderValue::from_str(&later).unwrap());
         let d = retry_after(&h).unwrap();
-        assert!(d <= Duration::from_secs(30) && d >= Duration::from_secs(25), "{d:?}");
+        assert!(
+            d <= Duration::from_secs(30) && d >= Duration::from_secs(25),
+            "{d:?}"
+        );
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h), None);
     }
 
     #[test]
     fn entries_skip_comments_and_blank_lines() {
-        assert_eq!(authorized_keys_entries("# c\n\nssh-ed25519 A b\r\n  \n"), ["ssh-ed25519 A b"]);
+        assert_eq!(
+            authorized_keys_entries("# c\n\nssh-ed25519 A b\r\n  \n"),
+            ["ssh-ed25519 A b"]
+        );
     }
 }

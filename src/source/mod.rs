@@ -22,7 +22,10 @@ pub type FetchFuture<'a> = Pin<Box<dyn Future<Output = Result<Answer, SourceErro
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
     /// The list is exactly these entries (possibly none).
-    List { entries: Vec<String>, etag: Option<String> },
+    List {
+        entries: Vec<String>,
+        etag: Option<String>,
+    },
     /// The list is what it was (304 Not Modified, or an unchanged file).
     Unchanged,
 }
@@ -97,10 +100,17 @@ pub trait KeySource: Send {
 
 /// Builds the source for a config entry. `etag` is the persisted ETag of
 /// the last good answer, sent as `If-None-Match` on the first fetch.
-pub fn build(settings: &SourceSettings, etag: Option<String>) -> Result<Box<dyn KeySource>, SourceError> {
+pub fn build(
+    settings: &SourceSettings,
+    etag: Option<String>,
+) -> Result<Box<dyn KeySource>, SourceError> {
     Ok(match &settings.kind {
-        SourceKind::Vast { url, api_key } => Box::new(vast::VastSource::new(settings, url, api_key.clone(), etag)?),
+        SourceKind::Vast { url, api_key } => {
+            Box::new(vast::VastSource::new(settings, url, api_key.clone(), etag)?)
+        }
         SourceKind::Http { url } => Box::new(http::HttpSource::new(settings, url, etag)?),
-        SourceKind::File { path } => Box::new(file::FileSource::new(path.clone(), settings.max_body)),
+        SourceKind::File { path } => {
+            Box::new(file::FileSource::new(path.clone(), settings.max_body))
+        }
     })
 }

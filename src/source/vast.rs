@@ -47,12 +47,21 @@ impl VastSource {
         })?;
         let mut headers = HeaderMap::new();
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-        let mut auth = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
-            .map_err(|_| SourceError::rejected("the API key contains characters not allowed in a header"))?;
+        let mut auth =
+            HeaderValue::from_str(&format!("Bearer {}", key.expose())).map_err(|_| {
+                SourceError::rejected("the API key contains characters not allowed in a header")
+            })?;
         auth.set_sensitive(true);
         headers.insert(header::AUTHORIZATION, auth);
 
-        let response = get(&self.client, &self.url, headers, self.etag.as_deref(), self.max_body).await?;
+        let response = get(
+            &self.client,
+            &self.url,
+            headers,
+            self.etag.as_deref(),
+            self.max_body,
+        )
+        .await?;
         if let Some(err) = classify(&response) {
             return Err(err);
         }
@@ -69,11 +78,12 @@ impl VastSource {
                 "server answered 404 Not Found (not the no-keys answer): check the url",
             )),
             s if s.is_success() => {
-                let entries = parse_list(&response.body).map_err(|what| SourceError::Transient {
-                    what,
-                    retry_after: None,
-                    source: None,
-                })?;
+                let entries =
+                    parse_list(&response.body).map_err(|what| SourceError::Transient {
+                        what,
+                        retry_after: None,
+                        source: None,
+                    })?;
                 let etag = etag(&response.headers);
                 self.etag.clone_from(&etag);
                 Ok(Answer::List { entries, etag })
@@ -97,7 +107,8 @@ impl KeySource for VastSource {
 /// field in the API (or a million `{}`) would read as "no keys" and revoke
 /// every key on every instance.
 pub fn parse_list(body: &[u8]) -> Result<Vec<String>, String> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| format!("bad JSON in answer: {e}"))?;
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| format!("bad JSON in answer: {e}"))?;
     let elements = match &value {
         Value::Array(items) => items,
         Value::Object(map) => match map.get("ssh_keys") {
@@ -119,7 +130,11 @@ pub fn parse_list(body: &[u8]) -> Result<Vec<String>, String> {
             .find_map(|field| obj.get(*field).and_then(Value::as_str));
         match text {
             Some(text) => entries.push(text.to_string()),
-            None => return Err(format!("list element {index} has no key text (public_key, key or ssh_key)")),
+            None => {
+                return Err(format!(
+                    "list element {index} has no key text (public_key, key or ssh_key)"
+                ));
+            }
         }
     }
     Ok(entries)
@@ -156,7 +171,11 @@ mod tests {
 
     #[test]
     fn every_200_fixture_shape_parses_and_skips_deleted() {
-        for name in ["list-array-key.json", "list-array-public-key.json", "list-object-ssh-keys.json"] {
+        for name in [
+            "list-array-key.json",
+            "list-array-public-key.json",
+            "list-object-ssh-keys.json",
+        ] {
             let entries = parse_list(&fixture(name)).unwrap();
             assert_eq!(entries.len(), 2, "{name}");
             assert!(entries[0].ends_with("alice@laptop"), "{name}");
@@ -170,7 +189,9 @@ mod tests {
         assert!(says_no_ssh_keys(&fixture("not-found-no-keys.json")));
         assert!(!says_no_ssh_keys(&fixture("unauthorized.json")));
         assert!(!says_no_ssh_keys(br#"{"success":false,"msg":"Not found"}"#));
-        assert!(says_no_ssh_keys(br#"{"error":"No SSH keys for this account"}"#));
+        assert!(says_no_ssh_keys(
+            br#"{"error":"No SSH keys for this account"}"#
+        ));
         assert!(!says_no_ssh_keys(b"no ssh keys"));
     }
 
@@ -182,17 +203,39 @@ mod tests {
 
     #[test]
     fn an_unreadable_element_makes_the_answer_an_error_not_a_shorter_list() {
-        for body in [&br#"[{"key":"a"},{"id":1}]"#[..], br#"[{"key":"a"},{"key":5}]"#, br#"[{"key":"a"},7]"#, br#"[{}]"#] {
-            assert!(parse_list(body).is_err(), "{}", String::from_utf8_lossy(body));
+        for body in [
+            &br#"[{"key":"a"},{"id":1}]"#[..],
+            br#"[{"key":"a"},{"key":5}]"#,
+            br#"[{"key":"a"},7]"#,
+            br#"[{}]"#,
+        ] {
+            assert!(
+                parse_list(body).is_err(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
         }
         // A soft-deleted element needs no key text.
-        assert_eq!(parse_list(br#"[{"key":"a"},{"id":1,"deleted_at":"2026-01-01T00:00:00Z"}]"#).unwrap(), ["a"]);
+        assert_eq!(
+            parse_list(br#"[{"key":"a"},{"id":1,"deleted_at":"2026-01-01T00:00:00Z"}]"#).unwrap(),
+            ["a"]
+        );
     }
 
     #[test]
     fn wrong_shapes_are_errors_not_empty_lists() {
-        for body in [&b"garbage"[..], b"{\"success\":true}", b"\"x\"", b"[{\"key\": \"a\"", b""] {
-            assert!(parse_list(body).is_err(), "{:?}", String::from_utf8_lossy(body));
+        for body in [
+            &b"garbage"[..],
+            b"{\"success\":true}",
+            b"\"x\"",
+            b"[{\"key\": \"a\"",
+            b"",
+        ] {
+            assert!(
+                parse_list(body).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
         }
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         assert!(parse_list(deep.as_bytes()).is_err());
