@@ -77,7 +77,7 @@ expect "sshd runs it as keysync" in_root sh -c '/usr/sbin/sshd -T | grep -qx "au
 expect "binary runs" in_root keysync --version
 # The default config is valid; the missing API key is a warning, not an error.
 in_root keysync check-config > "$root/tmp/check-config.out" || fail "check-config rejects the default config"
-expect "check-config names the missing key" grep -q "WARNING: cannot read api_key_file /etc/keysync/api-key" "$root/tmp/check-config.out"
+expect "check-config names the missing key" grep -q "WARNING: no API key: api_key_file is missing" "$root/tmp/check-config.out"
 # The hook, as sshd runs it (user keysync), reads a cache the daemon would write.
 printf '%s\n' "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIN7rZ17cV9ag1ih2ph/mjt/dQyeQsJHFDMID9ZaAPkRi alice@laptop" > "$root/var/lib/keysync/users/root.keys"
 chmod 0640 "$root/var/lib/keysync/users/root.keys"
