@@ -62,7 +62,16 @@ machine() {
 echo "== building the benchmarks (release profile)" >&2
 benches=()
 for p in "${parts[@]}"; do [ "$p" = hook ] || benches+=(--bench "$p"); done
-if [ ${#benches[@]} -gt 0 ]; then cargo bench --quiet --no-run "${benches[@]}"; fi
+# Built once, then run directly: `cargo bench` per part would rebuild
+# whenever the sources change during the run, mixing versions in one report.
+declare -A exe=()
+if [ ${#benches[@]} -gt 0 ]; then
+    built=$(cargo bench --quiet --no-run --message-format=json "${benches[@]}")
+    while read -r path; do
+        name=$(basename "$path")
+        exe[${name%-*}]=$path
+    done < <(grep -o '"executable":"[^"]*/deps/[^"]*"' <<< "$built" | sed 's/^"executable":"//; s/"$//')
+fi
 
 {
     machine
@@ -86,7 +95,8 @@ for p in "${parts[@]}"; do
             echo "(bench/hook.sh not present; skipped)" >&2
         fi
     else
-        cargo bench --quiet --bench "$p" >> "$results"
+        [ -n "${exe[$p]:-}" ] || { echo "no executable built for $p" >&2; exit 1; }
+        "${exe[$p]}" --bench >> "$results"
     fi
     echo "== $p took $(( $(date +%s) - started )) s" >&2
     echo >> "$results"
@@ -103,7 +113,7 @@ if [ ${#parts[@]} -eq ${#all[@]} ] && [ -f docs/benchmarks.md ] && grep -q '<!--
 else
     mkdir -p target
     out=target/bench-results.md
-    cp "$results" "$out"
+    cat "$results" > "$out"
 fi
 cat "$results"
 echo "== results written to $out" >&2
