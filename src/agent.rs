@@ -373,9 +373,10 @@ impl Syncer {
                     etag: etag.clone(),
                     fetched_at: report.at,
                 };
-                let changed = self.engine.last_good(name).is_none_or(|old| {
-                    !old.keys.same_as(keys) || old.keys != *keys || old.etag != *etag
-                });
+                let changed = self
+                    .engine
+                    .last_good(name)
+                    .is_none_or(|old| old.keys != *keys || old.etag != *etag);
                 if changed || self.save_is_due(name, report.at) {
                     self.persist(name, &good);
                 }

@@ -38,33 +38,7 @@ pub fn unique_secret() -> String {
 /// `KEYSYNC_TEST_API_KEY`, jitter off) and user root writing the env's
 /// target in block mode. `extra` goes at the end.
 pub fn config_text(env: &TestEnv, url: &str, interval: &str, timeout: &str, extra: &str) -> String {
-    format!(
-        r#"state_dir = "{state}"
-health_socket = "{socket}"
-
-[sources.account]
-kind = "vast"
-url = "{url}"
-api_key_env = "KEYSYNC_TEST_API_KEY"
-interval = "{interval}"
-jitter = "0s"
-timeout = "{timeout}"
-max_backoff = "1s"
-
-[[users]]
-name = "root"
-sources = ["account"]
-write = "block"
-path = "{target}"
-
-[policy]
-confirm_delay = "300ms"
-{extra}
-"#,
-        state = env.state_dir().display(),
-        socket = env.socket().display(),
-        target = env.target().display(),
-    )
+    env.config_with(url, interval, timeout, "", extra)
 }
 
 /// `keysync ARGS…` without systemd in the environment.

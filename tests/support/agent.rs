@@ -58,6 +58,18 @@ impl TestEnv {
     /// `KEYSYNC_TEST_API_KEY`) and user root writing [`TestEnv::target`].
     /// `extra_source` lines go into the source table, `extra` at the end.
     pub fn config_for(&self, url: &str, extra_source: &str, extra: &str) -> String {
+        self.config_with(url, "200ms", "2s", extra_source, extra)
+    }
+
+    /// [`TestEnv::config_for`] with the source's `interval` and `timeout` chosen.
+    pub fn config_with(
+        &self,
+        url: &str,
+        interval: &str,
+        timeout: &str,
+        extra_source: &str,
+        extra: &str,
+    ) -> String {
         format!(
             r#"state_dir = "{state}"
 health_socket = "{socket}"
@@ -66,9 +78,9 @@ health_socket = "{socket}"
 kind = "vast"
 url = "{url}"
 api_key_env = "KEYSYNC_TEST_API_KEY"
-interval = "200ms"
+interval = "{interval}"
 jitter = "0s"
-timeout = "2s"
+timeout = "{timeout}"
 max_backoff = "1s"
 {extra_source}
 
