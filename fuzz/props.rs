@@ -12,7 +12,7 @@
 
 use keysync::keys::{self, Key, KeyError, MAX_COMMENT_BYTES, Policy};
 use keysync::render;
-use keysync::source::vast;
+use keysync::source::format;
 use serde_json::{Map, Value};
 
 // ---------------------------------------------------------------------------
@@ -137,7 +137,7 @@ fn assert_one_clean_line(line: &str, key: &Key) {
 }
 
 // ---------------------------------------------------------------------------
-// vast::parse_list and vast::says_no_ssh_keys
+// format::parse_list and format::says_no_ssh_keys
 
 /// The first byte picks the mode: odd bytes build a JSON answer from the rest
 /// (so most inputs are well-formed lists), even bytes pass the rest as the
@@ -148,7 +148,7 @@ pub fn check_vast(data: &[u8]) {
     };
     if mode & 1 == 1 {
         let (body, expected) = build_answer(rest);
-        let got = vast::parse_list(&body);
+        let got = format::parse_list(&body);
         assert_eq!(
             got.as_ref().ok(),
             expected.as_ref(),
@@ -166,7 +166,7 @@ pub fn check_vast(data: &[u8]) {
 /// is not a readable key record is an error, never a shorter list);
 /// says_no_ssh_keys only for a JSON object whose `msg` or `error` says so.
 pub fn check_vast_body(body: &[u8]) {
-    let got = vast::parse_list(body);
+    let got = format::parse_list(body);
     let expected = serde_json::from_slice::<Value>(body)
         .ok()
         .and_then(|v| expected_entries(&v));
@@ -177,7 +177,7 @@ pub fn check_vast_body(body: &[u8]) {
         String::from_utf8_lossy(body)
     );
 
-    let no_keys = vast::says_no_ssh_keys(body);
+    let no_keys = format::says_no_ssh_keys(body);
     let expected_no_keys = match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(map)) => ["msg", "error"].iter().any(|f| {
             map.get(*f)

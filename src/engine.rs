@@ -125,11 +125,6 @@ impl Engine {
         self.sources.get(source).and_then(|s| s.good.as_ref())
     }
 
-    /// True when every source has a known answer (fresh or persisted).
-    pub fn all_sources_known(&self) -> bool {
-        self.sources.values().all(|s| s.good.is_some())
-    }
-
     /// The users that read a source.
     pub fn users_of(&self, source: &str) -> Vec<String> {
         self.users
@@ -137,10 +132,6 @@ impl Engine {
             .filter(|(_, srcs)| srcs.iter().any(|s| s == source))
             .map(|(u, _)| u.clone())
             .collect()
-    }
-
-    pub fn users(&self) -> Vec<String> {
-        self.users.keys().cloned().collect()
     }
 
     fn is_stale(&self, good: &LastGood, wall: SystemTime) -> bool {
@@ -152,7 +143,8 @@ impl Engine {
         }
     }
 
-    /// True when some source's keys are dropped for staleness (for status).
+    /// The sources whose keys are dropped for staleness.
+    #[cfg(test)]
     pub fn stale_sources(&self, wall: SystemTime) -> Vec<String> {
         self.sources
             .iter()

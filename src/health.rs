@@ -15,7 +15,7 @@ use axum::routing::get;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::status::Shared;
+use crate::board::Board;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HealthError {
@@ -86,7 +86,7 @@ pub fn cleanup(path: &Path) {
 }
 
 /// The routes, over the shared status.
-pub fn router(shared: Shared) -> Router {
+pub fn router(shared: Board) -> Router {
     Router::new()
         .route(
             "/healthz",
@@ -133,7 +133,7 @@ pub fn router(shared: Shared) -> Router {
 
 /// OpenMetrics for a scraper that asks for it (Prometheus does), the classic
 /// Prometheus text format otherwise.
-fn metrics(shared: &Shared, headers: &HeaderMap) -> Response {
+fn metrics(shared: &Board, headers: &HeaderMap) -> Response {
     let openmetrics = headers
         .get_all(header::ACCEPT)
         .iter()
@@ -152,7 +152,7 @@ fn metrics(shared: &Shared, headers: &HeaderMap) -> Response {
 }
 
 /// Serves until cancelled.
-pub async fn serve(listener: UnixListener, shared: Shared, cancel: CancellationToken) {
+pub async fn serve(listener: UnixListener, shared: Board, cancel: CancellationToken) {
     let app = router(shared);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })

@@ -2,20 +2,27 @@
 //!
 //! Data flows one way (DESIGN.md §2): sources fetch key lists, the key policy
 //! turns them into validated key sets, the engine unions them per user, and
-//! the writer makes the files on disk equal to that.
+//! the writer makes the files on disk equal to that. `docs/architecture.md`
+//! shows the tasks and channels.
+//!
+//! Modules are `pub` only where the binary's tests, benchmarks, fuzz targets
+//! or asset generator reach in; everything else is crate-private.
 
-pub mod agent; // the tasks: fetch loops, the writer, signals, `run --once`
+pub mod agent; // the tasks: fetch loops, the writer, watches, signals, `run --once`
+pub(crate) mod backoff; // waits between fetches: jitter and full-jitter backoff (pure)
+pub mod board; // the published status, the metrics and the writer's heartbeat
 pub mod cli; // one file per subcommand
 pub mod config; // fragments -> merged -> validated Settings
-pub mod engine; // per-user desired state, mass-removal confirmation, staleness (pure)
-pub mod health; // the Unix-socket HTTP server: healthz, readyz, status, metrics
+pub(crate) mod engine; // per-user desired state, mass-removal confirmation, staleness (pure)
+pub(crate) mod health; // the Unix-socket HTTP server: healthz, readyz, status, metrics
 pub mod keys; // parsing, policy, dedup (pure)
-pub mod logging; // tracing setup: journald under systemd, stderr otherwise
+pub(crate) mod logging; // tracing setup: journald under systemd, stderr otherwise
+pub(crate) mod metrics; // the Prometheus registry and its text formats
 pub mod render; // key sets -> file bytes: managed block, fragment, cache (pure)
-pub mod source; // the KeySource trait and the vast, http and file sources
-pub mod state; // last-good answers and per-user caches in state_dir
-pub mod status; // the shared status the health socket and STATUS= report
-pub mod subscribe; // the SSE stream that triggers fetches
-pub mod users; // resolving target users and their paths
-pub mod watch; // directory watches bridged from notify
+pub mod source; // the KeySource trait, the list formats and the source kinds
+pub(crate) mod state; // last-good answers and per-user caches in state_dir
+pub mod status; // the status document and its one-line summary
+pub mod systemd; // sd_notify: READY, STATUS, WATCHDOG, STOPPING
+pub(crate) mod users; // resolving target users and their paths
+pub(crate) mod watch; // directory watches bridged from notify
 pub mod write; // the atomic, symlink-safe writer: the only code that touches homes

@@ -173,6 +173,7 @@ impl StateDir {
     }
 
     /// Names of users that have a cache file.
+    #[cfg(test)]
     pub fn cached_users(&self) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(self.root.join("users")) else {
             return Vec::new();

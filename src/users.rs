@@ -12,7 +12,6 @@ use crate::write::FileSpec;
 /// A config user resolved against the passwd database.
 #[derive(Debug, Clone)]
 pub struct Account {
-    pub name: String,
     pub uid: Uid,
     pub gid: Gid,
     pub home: PathBuf,
@@ -44,7 +43,6 @@ pub fn lookup(name: &str) -> Result<Account, UserError> {
                 });
             }
             Ok(Account {
-                name: user.name,
                 uid: user.uid,
                 gid: user.gid,
                 home: user.dir,
@@ -109,7 +107,6 @@ mod tests {
 
     fn account(uid: u32) -> Account {
         Account {
-            name: "alice".into(),
             uid: Uid::from_raw(uid),
             gid: Gid::from_raw(uid),
             home: PathBuf::from("/home/alice"),

@@ -1,4 +1,4 @@
-//! Fuzzes vast::parse_list and vast::says_no_ssh_keys; the properties are in fuzz/props.rs,
+//! Fuzzes format::parse_list and format::says_no_ssh_keys; the properties are in fuzz/props.rs,
 //! shared with tests/fuzz_replay.rs.
 
 #![no_main]

@@ -20,7 +20,7 @@ pub fn main(config: &Path) -> u8 {
     }
     for (name, source) in &settings.sources {
         if let SourceKind::Vast { api_key, .. } = &source.kind {
-            match api_key.resolve() {
+            match crate::source::vast::resolve_api_key(api_key) {
                 Ok(_) => println!("# source {name}: API key found (redacted)"),
                 Err(e) => println!("# source {name}: WARNING: {e}"),
             }

@@ -31,7 +31,11 @@ pub fn main(config: &Path, once: bool, log_format: LogFormat) -> u8 {
         let ok = runtime.block_on(crate::agent::run_once(settings));
         return if ok { EXIT_OK } else { EXIT_FAILED };
     }
-    match runtime.block_on(crate::agent::run(settings)) {
+    let daemon = async {
+        let shutdown = crate::agent::signals::shutdown()?;
+        crate::agent::run(settings, shutdown, crate::systemd::Notifier::from_env()).await
+    };
+    match runtime.block_on(daemon) {
         Ok(()) => EXIT_OK,
         Err(e) => {
             tracing::error!("{e:#}");

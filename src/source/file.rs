@@ -6,8 +6,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
-use super::http::authorized_keys_entries;
-use super::vast::parse_list;
+use super::format::parse_file;
 use super::{Answer, FetchFuture, KeySource, SourceError};
 
 pub struct FileSource {
@@ -68,17 +67,6 @@ impl FileSource {
             etag: None,
         })
     }
-}
-
-/// JSON when the first non-blank byte is `[` or `{`, else authorized_keys lines.
-pub fn parse_file(bytes: &[u8]) -> Result<Vec<String>, SourceError> {
-    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
-    if matches!(first, Some(b'[') | Some(b'{')) {
-        return parse_list(bytes).map_err(SourceError::transient);
-    }
-    let text = std::str::from_utf8(bytes)
-        .map_err(|_| SourceError::transient("key file is not valid UTF-8"))?;
-    Ok(authorized_keys_entries(text))
 }
 
 impl KeySource for FileSource {

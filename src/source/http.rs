@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Client, StatusCode, Url};
 
+use super::format::authorized_keys_entries;
 use super::{Answer, FetchFuture, KeySource, SourceError};
 use crate::config::SourceSettings;
 
@@ -267,19 +268,6 @@ impl HttpSource {
     }
 }
 
-/// The entries of a body in authorized_keys format: every line that is not
-/// blank or a `#` comment.
-pub fn authorized_keys_entries(text: &str) -> Vec<String> {
-    text.split('\n')
-        .map(|l| l.trim_end_matches('\r'))
-        .filter(|l| {
-            let t = l.trim();
-            !t.is_empty() && !t.starts_with('#')
-        })
-        .map(str::to_string)
-        .collect()
-}
-
 impl KeySource for HttpSource {
     fn fetch(&mut self) -> FetchFuture<'_> {
         Box::pin(self.fetch_once())
@@ -304,13 +292,5 @@ mod tests {
         );
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h), None);
-    }
-
-    #[test]
-    fn entries_skip_comments_and_blank_lines() {
-        assert_eq!(
-            authorized_keys_entries("# c\n\nssh-ed25519 A b\r\n  \n"),
-            ["ssh-ed25519 A b"]
-        );
     }
 }

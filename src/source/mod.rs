@@ -12,7 +12,12 @@ use std::time::Duration;
 use crate::config::{SourceKind, SourceSettings};
 
 pub mod file;
+#[cfg(test)]
+mod fixed;
+pub mod format;
 pub mod http;
+pub(crate) mod sse;
+pub(crate) mod subscribe;
 pub mod vast;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -112,5 +117,7 @@ pub fn build(
         SourceKind::File { path } => {
             Box::new(file::FileSource::new(path.clone(), settings.max_body))
         }
+        #[cfg(test)]
+        SourceKind::Static { keys } => Box::new(fixed::StaticSource::new(keys.clone())),
     })
 }

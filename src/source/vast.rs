@@ -7,13 +7,19 @@
 //! whose JSON says there are no SSH keys is the authoritative empty list;
 //! other 404s, 401 and 403 are rejected; 429, 5xx, timeouts, bad JSON and
 //! oversized bodies are transient.
+//!
+//! The API key is looked up here, at each fetch, and only ever held as a
+//! [`Secret`], whose `Debug` and `Display` redact it.
 
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Client, StatusCode, Url};
-use serde_json::Value;
 
+use super::format::{parse_list, says_no_ssh_keys};
 use super::http::{classify, client, etag, get, parse_url};
 use super::{Answer, FetchFuture, KeySource, SourceError};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
 use crate::config::{ApiKeySource, SourceSettings};
 
 pub struct VastSource {
@@ -41,7 +47,7 @@ impl VastSource {
     }
 
     async fn fetch_once(&mut self) -> Result<Answer, SourceError> {
-        let key = self.api_key.resolve().map_err(|e| SourceError::Rejected {
+        let key = resolve_api_key(&self.api_key).map_err(|e| SourceError::Rejected {
             what: "no usable API key".into(),
             source: Some(Box::new(e)),
         })?;
@@ -99,145 +105,135 @@ impl KeySource for VastSource {
     }
 }
 
-/// Parses a 200 body into key entries. An error means the body is not one of
-/// the accepted shapes, which is transient (the list is not known).
-///
-/// A live element that is not an object with a key text makes the whole
-/// answer unreadable rather than being skipped: were it skipped, a renamed
-/// field in the API (or a million `{}`) would read as "no keys" and revoke
-/// every key on every instance.
-pub fn parse_list(body: &[u8]) -> Result<Vec<String>, String> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| format!("bad JSON in answer: {e}"))?;
-    let elements = match &value {
-        Value::Array(items) => items,
-        Value::Object(map) => match map.get("ssh_keys") {
-            Some(Value::Array(items)) => items,
-            _ => return Err("JSON answer has no ssh_keys array".into()),
-        },
-        _ => return Err("JSON answer is neither an array nor an object".into()),
-    };
-    let mut entries = Vec::with_capacity(elements.len());
-    for (index, element) in elements.iter().enumerate() {
-        let Value::Object(obj) = element else {
-            return Err(format!("list element {index} is not an object"));
-        };
-        if obj.get("deleted_at").is_some_and(|d| !d.is_null()) {
-            continue;
-        }
-        let text = ["public_key", "key", "ssh_key"]
-            .iter()
-            .find_map(|field| obj.get(*field).and_then(Value::as_str));
-        match text {
-            Some(text) => entries.push(text.to_string()),
-            None => {
-                return Err(format!(
-                    "list element {index} has no key text (public_key, key or ssh_key)"
-                ));
+/// An API key. `Debug` and `Display` redact it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Secret(value)
+    }
+    /// The raw value, for the Authorization header only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Why no API key could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiKeyError {
+    #[error("cannot read api_key_file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "no API key: api_key_file is missing or empty, and neither the {env} environment variable nor the systemd credential api-key is set"
+    )]
+    Missing { env: String },
+}
+
+/// Looks the key up: `api_key_file`, else the env var, else
+/// `$CREDENTIALS_DIRECTORY/api-key`. Surrounding whitespace is trimmed.
+pub fn resolve_api_key(place: &ApiKeySource) -> Result<Secret, ApiKeyError> {
+    if let Some(path) = &place.api_key_file {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                warn_if_readable_by_others(path);
+                if let Some(key) = non_empty(text) {
+                    return Ok(key);
+                }
+            }
+            // Not there (yet): the next places may have it, e.g. a
+            // packaged default config used with LoadCredential=.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(ApiKeyError::Read {
+                    path: path.clone(),
+                    source,
+                });
             }
         }
     }
-    Ok(entries)
+    if let Some(key) = std::env::var(&place.api_key_env).ok().and_then(non_empty) {
+        return Ok(key);
+    }
+    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+        let path = Path::new(&dir).join("api-key");
+        if let Ok(text) = std::fs::read_to_string(&path)
+            && let Some(key) = non_empty(text)
+        {
+            return Ok(key);
+        }
+    }
+    Err(ApiKeyError::Missing {
+        env: place.api_key_env.clone(),
+    })
 }
 
-/// True when a 404 body says the account has no SSH keys (the authoritative
-/// empty list), in `msg` or `error`.
-pub fn says_no_ssh_keys(body: &[u8]) -> bool {
-    let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) else {
-        return false;
-    };
-    ["msg", "error"].iter().any(|field| {
-        map.get(*field)
-            .and_then(Value::as_str)
-            .is_some_and(|text| text.to_ascii_lowercase().contains("no ssh keys"))
-    })
+fn non_empty(text: String) -> Option<Secret> {
+    let trimmed = text.trim();
+    (!trimmed.is_empty()).then(|| Secret(trimmed.to_string()))
+}
+
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    // The key is read at every fetch; warn once per path, not every minute.
+    static WARNED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+        && let Ok(mut warned) = WARNED.lock()
+        && !warned.iter().any(|p| p == path)
+    {
+        warned.push(path.to_path_buf());
+        tracing::warn!(
+            path = %path.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o7777),
+            "API key file is readable by group or others; chmod 600 it"
+        );
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn fixture(name: &str) -> Vec<u8> {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/fixtures/control-plane")
-            .join(name);
-        let local = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/control-plane")
-            .join(name);
-        std::fs::read(&local)
-            .or_else(|_| std::fs::read(&path))
-            .unwrap_or_else(|e| panic!("{name}: {e}"))
+    #[test]
+    fn secret_debug_is_redacted() {
+        let s = Secret::new("sk-live-123".into());
+        assert_eq!(format!("{s:?} {s}"), "Secret(<redacted>) <redacted>");
     }
 
     #[test]
-    fn every_200_fixture_shape_parses_and_skips_deleted() {
-        for name in [
-            "list-array-key.json",
-            "list-array-public-key.json",
-            "list-object-ssh-keys.json",
-        ] {
-            let entries = parse_list(&fixture(name)).unwrap();
-            assert_eq!(entries.len(), 2, "{name}");
-            assert!(entries[0].ends_with("alice@laptop"), "{name}");
-            assert!(entries[1].ends_with("bob@desktop"), "{name}");
-            assert!(!entries.iter().any(|e| e.contains("old@retired")), "{name}");
-        }
-    }
-
-    #[test]
-    fn the_404_fixtures_are_told_apart() {
-        assert!(says_no_ssh_keys(&fixture("not-found-no-keys.json")));
-        assert!(!says_no_ssh_keys(&fixture("unauthorized.json")));
-        assert!(!says_no_ssh_keys(br#"{"success":false,"msg":"Not found"}"#));
-        assert!(says_no_ssh_keys(
-            br#"{"error":"No SSH keys for this account"}"#
+    fn api_key_lookup_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let src = ApiKeySource {
+            api_key_file: Some(file),
+            api_key_env: "KEYSYNC_TEST_NOT_SET_1".into(),
+        };
+        assert_eq!(resolve_api_key(&src).unwrap().expose(), "from-file");
+        let src = ApiKeySource {
+            api_key_file: None,
+            api_key_env: "KEYSYNC_TEST_NOT_SET_2".into(),
+        };
+        assert!(matches!(
+            resolve_api_key(&src),
+            Err(ApiKeyError::Missing { .. })
         ));
-        assert!(!says_no_ssh_keys(b"no ssh keys"));
-    }
-
-    #[test]
-    fn field_precedence_public_key_then_key_then_ssh_key() {
-        let body = br#"[{"ssh_key":"c","key":"b","public_key":"a"},{"ssh_key":"c","key":"b"},{"ssh_key":"c"},{"public_key":null,"key":"d"}]"#;
-        assert_eq!(parse_list(body).unwrap(), ["a", "b", "c", "d"]);
-    }
-
-    #[test]
-    fn an_unreadable_element_makes_the_answer_an_error_not_a_shorter_list() {
-        for body in [
-            &br#"[{"key":"a"},{"id":1}]"#[..],
-            br#"[{"key":"a"},{"key":5}]"#,
-            br#"[{"key":"a"},7]"#,
-            br#"[{}]"#,
-        ] {
-            assert!(
-                parse_list(body).is_err(),
-                "{}",
-                String::from_utf8_lossy(body)
-            );
-        }
-        // A soft-deleted element needs no key text.
-        assert_eq!(
-            parse_list(br#"[{"key":"a"},{"id":1,"deleted_at":"2026-01-01T00:00:00Z"}]"#).unwrap(),
-            ["a"]
-        );
-    }
-
-    #[test]
-    fn wrong_shapes_are_errors_not_empty_lists() {
-        for body in [
-            &b"garbage"[..],
-            b"{\"success\":true}",
-            b"\"x\"",
-            b"[{\"key\": \"a\"",
-            b"",
-        ] {
-            assert!(
-                parse_list(body).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(body)
-            );
-        }
-        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
-        assert!(parse_list(deep.as_bytes()).is_err());
     }
 }

@@ -1,0 +1,141 @@
+//! The waits between fetches (DESIGN.md §5): poll interval with jitter, and
+//! full-jitter backoff after failures. Pure: the random draw is a parameter
+//! (`unit`, uniform in [0, 1)), so tests pick it and the fleet's request
+//! rate can be reasoned about without a clock or an RNG.
+//!
+//! Both the fetch loop and the subscription stream use these; they sit
+//! outside `agent` and `source` so that neither imports the other.
+
+use std::time::Duration;
+
+/// A uniform draw in [0, 1) from the process's RNG, for callers that do not
+/// pick their own.
+pub(crate) fn draw() -> f64 {
+    fastrand::f64()
+}
+
+/// Full-jitter backoff after `failures` (≥ 1) failures in a row: uniform in
+/// [0, cap], the cap doubling from `interval` (2·`interval` after the first
+/// failure, 4·`interval` after the second, …) up to `max_backoff`. Starting
+/// at 2·`interval` makes the mean wait (cap / 2) never shorter than the poll
+/// interval, so an outage never raises a fleet's request rate. A server's
+/// `Retry-After` is honoured by adding the jittered wait to it: as a plain
+/// floor it would turn every short draw into the same wait, and agents told
+/// "come back in 30 s" at the same moment would come back together.
+pub(crate) fn backoff(
+    interval: Duration,
+    max_backoff: Duration,
+    failures: u32,
+    retry_after: Option<Duration>,
+    unit: f64,
+) -> Duration {
+    let cap = interval
+        .saturating_mul(2u32.saturating_pow(failures.min(30)))
+        .min(max_backoff.max(interval));
+    let jittered = scale(cap, unit.clamp(0.0, 1.0)).min(cap);
+    retry_after
+        .unwrap_or(Duration::ZERO)
+        .saturating_add(jittered)
+}
+
+/// The next poll: `base` ± uniform jitter, never under a tenth of `base`.
+pub(crate) fn jittered(base: Duration, jitter: Duration, unit: f64) -> Duration {
+    if jitter.is_zero() {
+        return base;
+    }
+    let offset = scale(jitter, unit.clamp(0.0, 1.0) * 2.0);
+    base.saturating_add(offset)
+        .saturating_sub(jitter)
+        .max(base / 10)
+}
+
+/// `d · factor`, saturating: `Duration::mul_f64` panics on overflow.
+fn scale(d: Duration, factor: f64) -> Duration {
+    Duration::try_from_secs_f64(d.as_secs_f64() * factor).unwrap_or(Duration::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The waits of the fetch loop: what a fleet's request rate depends on.
+
+    use super::*;
+
+    fn draws(n: usize, mut f: impl FnMut(f64) -> Duration) -> (Duration, Duration, Duration) {
+        let v: Vec<Duration> = (0..n).map(|_| f(draw())).collect();
+        let min = v.iter().min().copied().unwrap_or_default();
+        let max = v.iter().max().copied().unwrap_or_default();
+        let mean = v.iter().sum::<Duration>() / n as u32;
+        (min, mean, max)
+    }
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn full_jitter_with_a_doubling_cap() {
+        for (failures, cap) in [(1, 4), (2, 8), (3, 10), (10, 10), (u32::MAX, 10)] {
+            let cap = S(cap);
+            let (min, mean, max) = draws(20_000, |u| backoff(S(2), S(10), failures, None, u));
+            assert!(
+                max <= cap,
+                "failures {failures}: {max:?} over the cap {cap:?}"
+            );
+            // Full jitter: the whole range is used, the mean is half the cap.
+            assert!(min < cap / 20, "failures {failures}: min {min:?}");
+            assert!(max > cap.mul_f64(0.95), "failures {failures}: max {max:?}");
+            let half = cap.as_secs_f64() / 2.0;
+            assert!(
+                (mean.as_secs_f64() - half).abs() < half * 0.05,
+                "failures {failures}: mean {mean:?}"
+            );
+        }
+        // The ends of the draw are the ends of the range.
+        assert_eq!(backoff(S(2), S(10), 1, None, 0.0), Duration::ZERO);
+        assert_eq!(backoff(S(2), S(10), 1, None, 1.0), S(4));
+    }
+
+    #[test]
+    fn an_outage_never_raises_the_request_rate() {
+        // The mean wait after any number of failures is at least the interval.
+        for failures in 1..8 {
+            let (_, mean, _) = draws(20_000, |u| backoff(S(60), S(300), failures, None, u));
+            assert!(
+                mean.as_secs_f64() >= 60.0 * 0.95,
+                "failures {failures}: mean {mean:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn retry_after_is_honoured_and_still_spread() {
+        let ra = S(30);
+        let (min, _, max) = draws(20_000, |u| backoff(S(2), S(10), 1, Some(ra), u));
+        assert!(min >= ra, "{min:?}");
+        assert!(max <= ra + S(4), "{max:?}");
+        // Not all at the same instant: spread over the first cap after it.
+        assert!(max - min > S(3), "{min:?}..{max:?}");
+    }
+
+    #[test]
+    fn jitter_is_uniform_around_the_interval() {
+        let (min, mean, max) = draws(20_000, |u| jittered(S(2), S(1), u));
+        assert!(min >= S(1) && max <= S(3), "{min:?}..{max:?}");
+        assert!((mean.as_secs_f64() - 2.0).abs() < 0.05, "{mean:?}");
+        assert_eq!(jittered(S(2), Duration::ZERO, 0.5), S(2));
+        // A jitter as large as the interval never makes a zero wait.
+        let (min, _, _) = draws(20_000, |u| jittered(S(1), S(1), u));
+        assert!(min >= Duration::from_millis(100), "{min:?}");
+        assert_eq!(jittered(S(1), S(1), 0.0), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn huge_values_saturate_instead_of_panicking() {
+        assert!(jittered(Duration::MAX, Duration::MAX, 1.0) >= Duration::MAX / 10);
+        let _ = backoff(
+            Duration::MAX,
+            Duration::MAX,
+            u32::MAX,
+            Some(Duration::MAX),
+            1.0,
+        );
+    }
+}
