@@ -1,15 +1,10 @@
 #!/bin/sh
-# keysync for instances without systemd (a container's onstart field; the
-# reference cloud allows 4,048 characters). Installs the binary, writes the
-# config, supervises `keysync run`. Safe to run again. Settings (env):
-#  VAST_API_KEY    API key (user_read scope), stored 0600, not kept in env
-#  KEYSYNC_BIN     binary: an https:// URL or a local path (optional if
-#                  already installed); KEYSYNC_SHA256 checks a download
-#  KEYSYNC_URL     key list URL
-#  KEYSYNC_USER    user whose keys are synced (root)
-#  KEYSYNC_AUTHORIZED_KEYS  target file (default: that user's)
-# Paths: KEYSYNC_INSTALL, KEYSYNC_ETC, KEYSYNC_STATE, KEYSYNC_RUN, KEYSYNC_LOG.
-# Details: /usr/share/doc/keysync/packaging.md
+# keysync without systemd (a container's onstart field, up to 4,048 chars):
+# installs the binary, writes the config, wires sshd, supervises `keysync
+# run`. Safe to run again. Env: VAST_API_KEY (stored 0600, not kept in env),
+# KEYSYNC_BIN (https:// URL or path; KEYSYNC_SHA256 checks it), KEYSYNC_URL,
+# KEYSYNC_USER (root), KEYSYNC_AUTHORIZED_KEYS; paths: KEYSYNC_INSTALL,
+# _ETC, _STATE, _RUN, _LOG. See packaging.md.
 set -eu
 B=${KEYSYNC_INSTALL:-/usr/local/bin/keysync}
 E=${KEYSYNC_ETC:-/etc/keysync}
@@ -45,13 +40,12 @@ if [ -n "$src" ]; then
 fi
 [ -x "$B" ] || { say "no binary at $B: set KEYSYNC_BIN"; exit 1; }
 
-# 2. The API key, in a root-only file: never in the config, and not in the
-# agent's environment (other processes of the user could read it there).
+# 2. The API key in a root-only file, not in the config nor the agent's env.
 if [ -n "${VAST_API_KEY:-}" ]; then
   (umask 077 && printf '%s\n' "$VAST_API_KEY" > "$E/api-key.new" && mv -f "$E/api-key.new" "$E/api-key")
 fi
 unset VAST_API_KEY
-[ -s "$E/api-key" ] || say "no API key yet: write $E/api-key (0600); it is picked up without a restart"
+[ -s "$E/api-key" ] || say "no API key yet: write $E/api-key (0600), no restart needed"
 
 # 3. The config (rewritten each start, so env changes apply).
 {
@@ -70,9 +64,26 @@ unset VAST_API_KEY
 "$B" check-config --config "$C.new" >/dev/null || { say "bad config in $C.new"; exit 2; }
 mv -f "$C.new" "$C"
 
-# 4. Supervise: restart keysync whenever it exits; TERM to the supervisor
-# (pid in $R/supervisor.pid) stops both. A running agent reloads the
-# rewritten config by itself, so a second run only checks it is alive.
+# 4. sshd (default state dir): RevokedKeys refuses deleted keys also where
+# copied. The file first: sshd refuses all keys without it. Yours win.
+D=/etc/ssh/sshd_config.d
+F=$D/50-keysync.conf
+K=/var/lib/keysync/revoked_keys
+if [ "$S/revoked_keys" = $K ] && : >> $K && chmod 644 $K && [ -d $D ] && [ ! -e $F ]; then
+  g() { grep -qsi "^[[:space:]]*$1[[:space:]=]" /etc/ssh/sshd_config $D/*.conf; }
+  {
+    g RevokedKeys || echo "RevokedKeys $K"
+    ! id keysync >/dev/null 2>&1 || g AuthorizedKeysCommand ||
+      printf 'AuthorizedKeysCommand %s authorized-keys %%u %%f\nAuthorizedKeysCommandUser keysync\n' "$B"
+  } > $F.n
+  if [ -s $F.n ] && mv $F.n $F && sshd -t; then
+    kill -HUP "$(cat /run/sshd.pid 2>/dev/null)" 2>/dev/null || :
+  else rm -f $F.n $F; fi
+fi
+
+# 5. Supervise: restart keysync when it exits; TERM to the supervisor
+# ($R/supervisor.pid) stops both. A running agent reloads the config
+# itself, so a second run only checks it is alive.
 P=$R/supervisor.pid
 if [ -s "$P" ] && kill -0 "$(cat "$P")" 2>/dev/null; then
   say "already running (pid $(cat "$P"))"

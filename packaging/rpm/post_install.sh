@@ -26,8 +26,15 @@ if ! { command -v systemd-tmpfiles >/dev/null 2>&1 \
     chown root:keysync /var/lib/keysync /var/lib/keysync/users /run/keysync || :
     chmod 0750 /var/lib/keysync
     chmod 2750 /var/lib/keysync/users /run/keysync
+    if [ ! -e /var/lib/keysync/revoked_keys ]; then
+        (umask 022 && : >> /var/lib/keysync/revoked_keys)
+        chown root:root /var/lib/keysync/revoked_keys
+        chmod 0644 /var/lib/keysync/revoked_keys
+    fi
 fi
 
+# After the RevokedKeys file above (tmpfiles.d creates it too): the hook
+# links a drop-in naming it, and sshd refuses every key while it is missing.
 /usr/libexec/keysync/sshd-hook auto || :
 
 if [ -d /run/systemd/system ]; then
