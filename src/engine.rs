@@ -34,7 +34,7 @@ struct Pending {
 
 /// What a user's files should hold now.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Plan {
+pub(crate) enum Plan {
     /// Make the files hold exactly these keys (a no-op on disk when they already do).
     Write(KeySet),
     /// A mass removal waits for confirmation: keep the files as they are, and
@@ -50,7 +50,7 @@ pub enum Plan {
 
 /// See the module docs.
 #[derive(Debug, Default)]
-pub struct Engine {
+pub(crate) struct Engine {
     sources: BTreeMap<String, SourceSlot>,
     users: BTreeMap<String, Vec<String>>,
     applied: HashMap<String, KeySet>,
@@ -60,14 +60,14 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(settings: &Settings) -> Self {
+    pub(crate) fn new(settings: &Settings) -> Self {
         let mut engine = Engine::default();
         engine.configure(settings);
         engine
     }
 
     /// Applies a (re)loaded config, keeping what is known of sources and users.
-    pub fn configure(&mut self, settings: &Settings) {
+    pub(crate) fn configure(&mut self, settings: &Settings) {
         self.confirm_delay = settings.policy.confirm_delay;
         self.max_stale = settings.policy.max_stale;
         self.sources
@@ -88,23 +88,23 @@ impl Engine {
     }
 
     /// Seeds a source with its persisted last good answer (at start).
-    pub fn restore(&mut self, source: &str, good: LastGood) {
+    pub(crate) fn restore(&mut self, source: &str, good: LastGood) {
         if let Some(slot) = self.sources.get_mut(source) {
             slot.good = Some(good);
         }
     }
 
     /// Seeds what a user's files hold (read back from the cache at start).
-    pub fn set_applied(&mut self, user: &str, keys: KeySet) {
+    pub(crate) fn set_applied(&mut self, user: &str, keys: KeySet) {
         self.applied.insert(user.to_string(), keys);
     }
 
-    pub fn applied(&self, user: &str) -> Option<&KeySet> {
+    pub(crate) fn applied(&self, user: &str) -> Option<&KeySet> {
         self.applied.get(user)
     }
 
     /// Records an authoritative answer of a source: the list is `good.keys`.
-    pub fn answer(&mut self, source: &str, good: LastGood, now: Instant) {
+    pub(crate) fn answer(&mut self, source: &str, good: LastGood, now: Instant) {
         if let Some(slot) = self.sources.get_mut(source) {
             slot.good = Some(good);
             slot.answered_at = Some(now);
@@ -112,7 +112,7 @@ impl Engine {
     }
 
     /// Records a 304: the list is unchanged, confirmed now.
-    pub fn unchanged(&mut self, source: &str, fetched_at: SystemTime, now: Instant) {
+    pub(crate) fn unchanged(&mut self, source: &str, fetched_at: SystemTime, now: Instant) {
         if let Some(slot) = self.sources.get_mut(source) {
             if let Some(good) = &mut slot.good {
                 good.fetched_at = fetched_at;
@@ -121,12 +121,12 @@ impl Engine {
         }
     }
 
-    pub fn last_good(&self, source: &str) -> Option<&LastGood> {
+    pub(crate) fn last_good(&self, source: &str) -> Option<&LastGood> {
         self.sources.get(source).and_then(|s| s.good.as_ref())
     }
 
     /// The users that read a source.
-    pub fn users_of(&self, source: &str) -> Vec<String> {
+    pub(crate) fn users_of(&self, source: &str) -> Vec<String> {
         self.users
             .iter()
             .filter(|(_, srcs)| srcs.iter().any(|s| s == source))
@@ -145,7 +145,7 @@ impl Engine {
 
     /// The sources whose keys are dropped for staleness.
     #[cfg(test)]
-    pub fn stale_sources(&self, wall: SystemTime) -> Vec<String> {
+    pub(crate) fn stale_sources(&self, wall: SystemTime) -> Vec<String> {
         self.sources
             .iter()
             .filter(|(_, s)| s.good.as_ref().is_some_and(|g| self.is_stale(g, wall)))
@@ -154,7 +154,7 @@ impl Engine {
     }
 
     /// Decides what `user`'s files should hold now.
-    pub fn plan(&mut self, user: &str, now: Instant, wall: SystemTime) -> Plan {
+    pub(crate) fn plan(&mut self, user: &str, now: Instant, wall: SystemTime) -> Plan {
         let Some(sources) = self.users.get(user).cloned() else {
             return Plan::Waiting {
                 sources: Vec::new(),
@@ -220,7 +220,7 @@ impl Engine {
     }
 
     /// Records a successful write of `keys` for `user`.
-    pub fn written(&mut self, user: &str, keys: KeySet) {
+    pub(crate) fn written(&mut self, user: &str, keys: KeySet) {
         self.applied.insert(user.to_string(), keys);
     }
 }

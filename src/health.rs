@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::board::Board;
 
 #[derive(Debug, thiserror::Error)]
-pub enum HealthError {
+pub(crate) enum HealthError {
     #[error("cannot create the directory of health socket {path}: {source}")]
     Dir {
         path: String,
@@ -37,7 +37,7 @@ pub enum HealthError {
 
 /// Binds the socket, replacing a stale one left by a crash. A live agent
 /// already listening there is not displaced.
-pub fn bind(path: &Path) -> Result<UnixListener, HealthError> {
+pub(crate) fn bind(path: &Path) -> Result<UnixListener, HealthError> {
     let shown = path.display().to_string();
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
@@ -79,14 +79,14 @@ pub fn bind(path: &Path) -> Result<UnixListener, HealthError> {
 }
 
 /// Removes the socket at shutdown.
-pub fn cleanup(path: &Path) {
+pub(crate) fn cleanup(path: &Path) {
     if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
         let _ = std::fs::remove_file(path);
     }
 }
 
 /// The routes, over the shared status.
-pub fn router(shared: Board) -> Router {
+pub(crate) fn router(shared: Board) -> Router {
     Router::new()
         .route(
             "/healthz",
@@ -152,7 +152,7 @@ fn metrics(shared: &Board, headers: &HeaderMap) -> Response {
 }
 
 /// Serves until cancelled.
-pub async fn serve(listener: UnixListener, shared: Board, cancel: CancellationToken) {
+pub(crate) async fn serve(listener: UnixListener, shared: Board, cancel: CancellationToken) {
     let app = router(shared);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })

@@ -346,8 +346,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    pub const ALICE: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIN7rZ17cV9ag1ih2ph/mjt/dQyeQsJHFDMID9ZaAPkRi alice@laptop";
-    pub const BOB: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFRzugNBd+MDtj+CrHEVbfNBi8jOKFGD1yT48UoTK0oN bob@desktop";
+    pub(super) const ALICE: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIN7rZ17cV9ag1ih2ph/mjt/dQyeQsJHFDMID9ZaAPkRi alice@laptop";
+    pub(super) const BOB: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFRzugNBd+MDtj+CrHEVbfNBi8jOKFGD1yT48UoTK0oN bob@desktop";
     // ssh-keygen -t rsa -b 1024 (public half only).
     const RSA1024: &str = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQCtH1LFLHEiYTOeF+ZJABiwwtfK4XLt4enfE1fAq2NvZKJBaaauQo5Q1GSnqZlCscmMymJFk9ImoCl+vRwtMhVsQyzzgQMZGypxtlhZDmhetV37Bo9tpwzrIKKww8fjJ6y5xA3Ps/hUjnX/fKBN5/qg5M0dWNiVDyXaIziwoZbAsQ== short";
     const DSS: &str = "ssh-dss AAAAB3NzaC1kc3MAAACBAP1/U4EddRIpUt9KnC7s5Of2EbdSPO9EAMMeP4C2USZpRV1AIlH7WT2NWPq/xfW6MPbLm1Vs14E7gB00b/JmYLdrmVClpJ+f6AR7ECLCT7up1/63xhv4O1fnxqimFQ8E+4P208UewwI1VBNaFpEy9nXzrith1yrv8iIDGZ3RSAHHAAAAFQCXYFCPFSMLzLKSuYKi64QL8Fgc9QAAAIEA9+GghdabPd7LvKtcNrhXuXmUr7v6OuqC+VdMCz0HgmdRWVeOutRZT+ZxBxCBgLRJFnEj6EwoFhO3zwkyjMim4TwWeotUfI0o4KOuHiuzpnWRbqN/C/ohNWLx+2J6ASQ7zKTxvqhRkImog9/hWuWfBpKLZl6Ae1UlZAFMO/7PSSoAAACBAPBjzKvYkuMJ4S0ZXHtYMm2UaDfKmVMV6XDIoUXtIfpG5FgMVnzPR9CZyH2Kx0Nm0yqEI6T8RSvmQUx8hF30kSmPEK+EnLG5A4C7DVS3rAvtsmBlCtJvmRtu1K/hzH29yPvsgCu9DsB8hT7WnXH6m5jfvKt3Y8dSPBaobTJ2Yr2Y dss";

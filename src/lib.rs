@@ -8,6 +8,12 @@
 //! Modules are `pub` only where the binary's tests, benchmarks, fuzz targets
 //! or asset generator reach in; everything else is crate-private.
 
+// Habits kept by the compiler: nothing is `pub` that the crate's users
+// cannot reach, and no `unwrap()` outside tests (clippy.toml) except for a
+// true invariant, allowed on the spot with a comment.
+#![warn(unreachable_pub)]
+#![warn(clippy::unwrap_used)]
+
 pub mod agent; // the tasks: fetch loops, the writer, watches, signals, `run --once`
 pub(crate) mod backoff; // waits between fetches: jitter and full-jitter backoff (pure)
 pub mod board; // the published status, the metrics and the writer's heartbeat

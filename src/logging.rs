@@ -23,9 +23,9 @@ pub enum LogFormat {
 }
 
 /// Prefix of the journal fields keysync's events carry (`KEYSYNC_USER`, …).
-pub const JOURNAL_FIELD_PREFIX: &str = "KEYSYNC";
+pub(crate) const JOURNAL_FIELD_PREFIX: &str = "KEYSYNC";
 
-pub fn init(format: LogFormat) {
+pub(crate) fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_env("KEYSYNC_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
     if stderr_is_journal()

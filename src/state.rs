@@ -18,11 +18,11 @@ use crate::keys::{KeySet, Policy, parse_entries};
 use crate::write::{self, FileSpec, Outcome, WriteError};
 
 /// Name of the group that may read the caches (the AuthorizedKeysCommandUser).
-pub const GROUP: &str = "keysync";
+pub(crate) const GROUP: &str = "keysync";
 
 /// A source's last good answer.
 #[derive(Debug, Clone, PartialEq)]
-pub struct LastGood {
+pub(crate) struct LastGood {
     pub keys: KeySet,
     pub etag: Option<String>,
     /// When the answer that established these keys (or confirmed them with a 304) arrived.
@@ -40,13 +40,13 @@ struct Record {
 
 /// The state directory.
 #[derive(Debug, Clone)]
-pub struct StateDir {
+pub(crate) struct StateDir {
     root: PathBuf,
     group: Option<Gid>,
 }
 
 impl StateDir {
-    pub fn new(root: impl Into<PathBuf>) -> Self {
+    pub(crate) fn new(root: impl Into<PathBuf>) -> Self {
         let group = Group::from_name(GROUP).ok().flatten().map(|g| g.gid);
         StateDir {
             root: root.into(),
@@ -54,12 +54,12 @@ impl StateDir {
         }
     }
 
-    pub fn root(&self) -> &Path {
+    pub(crate) fn root(&self) -> &Path {
         &self.root
     }
 
     /// Creates the directory (0750, group keysync when it exists) if missing.
-    pub fn ensure(&self) -> std::io::Result<()> {
+    pub(crate) fn ensure(&self) -> std::io::Result<()> {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         if !self.root.is_dir() {
             std::fs::DirBuilder::new()
@@ -76,19 +76,19 @@ impl StateDir {
         Ok(())
     }
 
-    pub fn source_path(&self, name: &str) -> PathBuf {
+    pub(crate) fn source_path(&self, name: &str) -> PathBuf {
         self.root
             .join("sources")
             .join(format!("{}.json", file_safe(name)))
     }
 
-    pub fn cache_path(&self, user: &str) -> PathBuf {
+    pub(crate) fn cache_path(&self, user: &str) -> PathBuf {
         cache_path(&self.root, user)
     }
 
     /// Loads a source's last good answer; None when there is none or it is
     /// unreadable (logged).
-    pub fn load_source(&self, name: &str, policy: &Policy) -> Option<LastGood> {
+    pub(crate) fn load_source(&self, name: &str, policy: &Policy) -> Option<LastGood> {
         let path = self.source_path(name);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
@@ -117,7 +117,7 @@ impl StateDir {
     }
 
     /// Persists a source's last good answer atomically.
-    pub fn save_source(&self, name: &str, good: &LastGood) -> Result<Outcome, WriteError> {
+    pub(crate) fn save_source(&self, name: &str, good: &LastGood) -> Result<Outcome, WriteError> {
         let record = Record {
             version: 1,
             fetched_at_unix_ms: good
@@ -142,7 +142,7 @@ impl StateDir {
     }
 
     /// Writes a user's cache (the hook's answer).
-    pub fn save_cache(&self, user: &str, content: &[u8]) -> Result<Outcome, WriteError> {
+    pub(crate) fn save_cache(&self, user: &str, content: &[u8]) -> Result<Outcome, WriteError> {
         let spec = FileSpec {
             path: self.cache_path(user),
             base: self.root.clone(),
@@ -155,7 +155,7 @@ impl StateDir {
     }
 
     /// Removes the cache of a user no longer configured.
-    pub fn remove_cache(&self, user: &str) -> Result<Outcome, WriteError> {
+    pub(crate) fn remove_cache(&self, user: &str) -> Result<Outcome, WriteError> {
         let spec = FileSpec {
             path: self.cache_path(user),
             base: self.root.clone(),
@@ -168,13 +168,13 @@ impl StateDir {
     }
 
     /// Reads a user's cache back (what the agent last wrote for the user).
-    pub fn load_cache(&self, user: &str) -> Option<Vec<u8>> {
+    pub(crate) fn load_cache(&self, user: &str) -> Option<Vec<u8>> {
         std::fs::read(self.cache_path(user)).ok()
     }
 
     /// Names of users that have a cache file.
     #[cfg(test)]
-    pub fn cached_users(&self) -> Vec<String> {
+    pub(crate) fn cached_users(&self) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(self.root.join("users")) else {
             return Vec::new();
         };
@@ -189,7 +189,7 @@ impl StateDir {
 
 /// The cache file of a user under a state dir (also used by the hook, which
 /// must not do any other work).
-pub fn cache_path(state_dir: &Path, user: &str) -> PathBuf {
+pub(crate) fn cache_path(state_dir: &Path, user: &str) -> PathBuf {
     state_dir
         .join("users")
         .join(format!("{}.keys", file_safe(user)))

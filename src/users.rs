@@ -11,14 +11,14 @@ use crate::write::FileSpec;
 
 /// A config user resolved against the passwd database.
 #[derive(Debug, Clone)]
-pub struct Account {
+pub(crate) struct Account {
     pub uid: Uid,
     pub gid: Gid,
     pub home: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum UserError {
+pub(crate) enum UserError {
     /// Reported in status; the user is skipped until it exists.
     #[error("user {0} does not exist")]
     NoSuchUser(String),
@@ -33,7 +33,7 @@ pub enum UserError {
 }
 
 /// Looks a user up in passwd (NSS).
-pub fn lookup(name: &str) -> Result<Account, UserError> {
+pub(crate) fn lookup(name: &str) -> Result<Account, UserError> {
     match User::from_name(name) {
         Ok(Some(user)) => {
             if !user.dir.is_absolute() {
@@ -57,7 +57,7 @@ pub fn lookup(name: &str) -> Result<Account, UserError> {
 }
 
 /// Expands a configured path (`~/…` or absolute) for an account.
-pub fn expand(path: &str, account: &Account) -> PathBuf {
+pub(crate) fn expand(path: &str, account: &Account) -> PathBuf {
     match path.strip_prefix("~/") {
         Some(rest) => account.home.join(rest),
         None => PathBuf::from(path),
@@ -70,7 +70,7 @@ pub fn expand(path: &str, account: &Account) -> PathBuf {
 /// the user is root), so the kernel refuses whatever the user could not do.
 /// A path outside the home is root-administered: its parent directory is the
 /// trusted base.
-pub fn home_file_spec(settings: &UserSettings, account: &Account) -> Option<FileSpec> {
+pub(crate) fn home_file_spec(settings: &UserSettings, account: &Account) -> Option<FileSpec> {
     if settings.write == WriteMode::None {
         return None;
     }

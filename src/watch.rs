@@ -6,13 +6,13 @@ use std::path::Path;
 
 use notify::{EventKind, RecursiveMode, Watcher as _};
 
-pub struct Watcher {
+pub(crate) struct Watcher {
     inner: notify::RecommendedWatcher,
 }
 
 impl Watcher {
     /// `on_change` gets the path of each created, modified, renamed or removed entry.
-    pub fn new(on_change: impl Fn(&Path) + Send + 'static) -> notify::Result<Self> {
+    pub(crate) fn new(on_change: impl Fn(&Path) + Send + 'static) -> notify::Result<Self> {
         let inner = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             let Ok(event) = event else { return };
             if matches!(event.kind, EventKind::Access(_)) {
@@ -27,7 +27,7 @@ impl Watcher {
 
     /// Watches one directory (not recursively). False when it cannot (it may
     /// not exist yet); the caller tries again later.
-    pub fn watch(&mut self, dir: &Path) -> bool {
+    pub(crate) fn watch(&mut self, dir: &Path) -> bool {
         match self.inner.watch(dir, RecursiveMode::NonRecursive) {
             Ok(()) => true,
             Err(e) => {

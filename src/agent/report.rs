@@ -21,7 +21,7 @@ pub(crate) enum Report {
 
 /// What one fetch produced.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FetchReport {
+pub(crate) struct FetchReport {
     pub source: String,
     pub fetched: Fetched,
     /// Wall-clock time of the answer, for status and the persisted state.
@@ -30,7 +30,7 @@ pub struct FetchReport {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum Fetched {
+pub(crate) enum Fetched {
     /// The list is this (validated; rejected entries were logged).
     List { keys: KeySet, etag: Option<String> },
     /// Unchanged since the last good answer.
@@ -47,7 +47,7 @@ pub enum Fetched {
 /// a 503.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum FailureKind {
+pub(crate) enum FailureKind {
     /// 429, 5xx, timeouts, bad bodies: retried with backoff.
     Transient,
     /// 401, 403, a plain 404, no API key: an operator has to act.

@@ -11,7 +11,7 @@ use serde::Deserialize;
 /// just what it changes.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Fragment {
+pub(super) struct Fragment {
     pub(super) state_dir: Option<Spanned<PathBuf>>,
     pub(super) health_socket: Option<Spanned<PathBuf>>,
     #[serde(default)]

@@ -165,7 +165,7 @@ impl Default for PolicySettings {
 }
 
 mod dur {
-    pub fn serialize<S: serde::Serializer>(
+    pub(super) fn serialize<S: serde::Serializer>(
         d: &std::time::Duration,
         s: S,
     ) -> Result<S::Ok, S::Error> {
@@ -174,7 +174,7 @@ mod dur {
 }
 
 mod opt_dur {
-    pub fn serialize<S: serde::Serializer>(
+    pub(super) fn serialize<S: serde::Serializer>(
         d: &Option<std::time::Duration>,
         s: S,
     ) -> Result<S::Ok, S::Error> {
