@@ -22,6 +22,7 @@ pub mod config; // fragments -> merged -> validated Settings
 pub(crate) mod engine; // per-user desired state, mass-removal confirmation, staleness (pure)
 pub(crate) mod health; // the Unix-socket HTTP server: healthz, readyz, status, metrics
 pub mod keys; // parsing, policy, dedup (pure)
+pub mod lock; // one agent per state dir
 pub(crate) mod logging; // tracing setup: journald under systemd, stderr otherwise
 pub(crate) mod metrics; // the Prometheus registry and its text formats
 pub mod render; // key sets -> file bytes: managed block, fragment, cache (pure)

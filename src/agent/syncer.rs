@@ -5,8 +5,8 @@
 //! them off the async threads.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::path::Path;
+use std::time::{Instant, SystemTime};
 
 use super::projection::{AttemptLog, project};
 use super::report::{FetchReport, Fetched, Report};
@@ -51,8 +51,6 @@ pub(crate) struct Syncer {
     state: StateDir,
     log: AttemptLog,
     metrics: std::sync::Arc<Metrics>,
-    /// When each source's answer was last persisted to the state dir.
-    saved_at: HashMap<String, SystemTime>,
 }
 
 impl Syncer {
@@ -68,7 +66,6 @@ impl Syncer {
             log: AttemptLog::default(),
             metrics,
             settings,
-            saved_at: HashMap::new(),
         };
         syncer.restore();
         syncer.remove_leftovers();
@@ -140,7 +137,6 @@ impl Syncer {
         for name in self.settings.sources.keys() {
             if let Some(good) = self.state.load_source(name, policy) {
                 tracing::info!(source = %name, keys = good.keys.len(), "restored {} last good keys of source {name} from state_dir", good.keys.len());
-                self.saved_at.insert(name.clone(), good.fetched_at);
                 self.engine.restore(name, good);
             }
         }
@@ -271,21 +267,15 @@ impl Syncer {
                     etag: etag.clone(),
                     fetched_at: report.at,
                 };
-                let changed = self
-                    .engine
-                    .last_good(name)
-                    .is_none_or(|old| old.keys != *keys || old.etag != *etag);
-                if changed || self.save_is_due(name, report.at) {
-                    self.persist(name, &good);
-                }
+                // Every good answer refreshes the persisted time, so a
+                // restart reports (and `max_stale` measures) the real one.
+                self.persist(name, &good);
                 self.engine.answer(name, good, now);
             }
             Fetched::Unchanged => {
                 attempt.last_error = None;
                 self.engine.unchanged(name, report.at, now);
-                if self.save_is_due(name, report.at)
-                    && let Some(good) = self.engine.last_good(name).cloned()
-                {
+                if let Some(good) = self.engine.last_good(name).cloned() {
                     self.persist(name, &good);
                 }
             }
@@ -293,31 +283,13 @@ impl Syncer {
         self.engine.users_of(name)
     }
 
-    /// The persisted time of the last good answer only matters for
-    /// `max_stale` across restarts; refresh it now and then, not at every poll.
-    fn save_is_due(&self, name: &str, at: SystemTime) -> bool {
-        let every = self
-            .settings
-            .policy
-            .max_stale
-            .map_or(Duration::from_secs(600), |m| {
-                (m / 10).min(Duration::from_secs(600))
-            });
-        self.saved_at
-            .get(name)
-            .is_none_or(|saved| at.duration_since(*saved).is_ok_and(|age| age >= every))
-    }
-
     fn persist(&mut self, name: &str, good: &LastGood) {
         match self.state.save_source(name, good) {
-            Ok(_) => {
-                self.saved_at.insert(name.to_string(), good.fetched_at);
-            }
+            Ok(_) => {}
             Err(e) => {
-                // Forget the last save, so the next answer (a 304 too) tries
-                // again: a persisted list left behind would bring a key revoked
-                // meanwhile back at a restart without network.
-                self.saved_at.remove(name);
+                // The next answer (a 304 too) tries again: a persisted list
+                // left behind would bring a key revoked meanwhile back at a
+                // restart without network.
                 let error = error_chain(&e);
                 tracing::error!(source = %name, error = %error, "cannot persist the last good keys of source {name}: {error}");
             }
@@ -364,7 +336,10 @@ impl Syncer {
         self.log.user(name).pending = pending;
         if let Some(keys) = keys {
             match self.write_user(&user, &keys) {
-                Ok(wrote) => outcome.wrote_home = wrote,
+                Ok(wrote) => {
+                    outcome.wrote_home = wrote;
+                    outcome.failed = self.log.user(name).last_error.is_some();
+                }
                 Err(error) => {
                     tracing::error!(user = %name, error = %error, "cannot write keys for user {name}: {error}; other users go on");
                     self.log.user(name).last_error = Some(error);
@@ -376,7 +351,8 @@ impl Syncer {
     }
 
     /// Writes the cache and the home file of one user; true when the home
-    /// file changed. The error is what status reports.
+    /// file changed. The error is what status reports; a file written that
+    /// sshd's StrictModes would refuse is recorded as the user's error too.
     fn write_user(&mut self, user: &UserSettings, keys: &KeySet) -> Result<bool, String> {
         let name = &user.name;
         let account = users::lookup(name).map_err(|e| e.to_string())?;
@@ -408,8 +384,13 @@ impl Syncer {
                 .get_or_create(&UserLabels { user: name.clone() })
                 .inc();
         }
+        // Written either way (a removal must land), but sshd may ignore it.
+        let refused = spec.as_ref().and_then(write::strict_modes_problem);
+        if let Some(why) = &refused {
+            tracing::warn!(user = %name, "user {name} is not ready: {why}");
+        }
         let attempt = self.log.user(name);
-        attempt.last_error = None;
+        attempt.last_error = refused;
         attempt.path = spec.map(|s| s.path);
         if wrote_any {
             attempt.last_write = Some(SystemTime::now());
@@ -468,14 +449,15 @@ impl Syncer {
         self.log.user(user).drift_repairs += 1;
     }
 
-    /// Each user's home file, for the drift watch.
-    pub(crate) fn watched_files(&self) -> Vec<(PathBuf, String)> {
+    /// Each user's home file, for the drift watch, with the ids to watch
+    /// it as (the same as the writer acts with there).
+    pub(crate) fn watched_files(&self) -> Vec<super::watch::DriftTarget> {
         let mut files = Vec::new();
         for user in &self.settings.users {
             if let Ok(account) = users::lookup(&user.name)
                 && let Some(spec) = users::home_file_spec(user, &account)
             {
-                files.push((spec.path, user.name.clone()));
+                files.push((spec.path, user.name.clone(), spec.act_as));
             }
         }
         files

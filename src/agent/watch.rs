@@ -7,8 +7,13 @@
 //! another writer's replacement) is never dropped and a file rewritten
 //! without pause is still handled within a second.
 //!
-//! notify's callbacks run on its own thread and only hand paths off over a
-//! channel; a missed event is harmless because polling stays the truth.
+//! A change may also say that another writer is still busy with a file (it
+//! modified it through a descriptor it has not closed): then nothing is
+//! delivered until that writer closes or renames the file (or `busy_cap`
+//! passes), so a drift repair never renames over a file being written.
+//!
+//! Watch callbacks only hand paths off over a channel; a missed event is
+//! harmless because polling stays the truth.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -23,19 +28,24 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config;
-use crate::watch::Watcher;
+use nix::unistd::{Gid, Uid};
+
+use crate::watch::{Seen, UserDirWatch, Watcher};
 
 /// How long a burst must be quiet, and the longest it is waited for.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Timing {
     pub(crate) quiet: Duration,
     pub(crate) max_wait: Duration,
+    /// The longest a writer that keeps a file open is waited for.
+    pub(crate) busy_cap: Duration,
 }
 
 /// An editor's burst of writes to the config.
 const CONFIG: Timing = Timing {
     quiet: Duration::from_millis(200),
     max_wait: Duration::from_secs(1),
+    busy_cap: Duration::from_secs(1),
 };
 
 /// A key file: an editor or `echo >` truncates first and writes after, and a
@@ -44,6 +54,7 @@ const CONFIG: Timing = Timing {
 const KEY_FILE: Timing = Timing {
     quiet: Duration::from_millis(50),
     max_wait: Duration::from_millis(300),
+    busy_cap: Duration::from_millis(300),
 };
 
 /// A user's file: the repair then sees another writer's finished file, not
@@ -51,13 +62,14 @@ const KEY_FILE: Timing = Timing {
 const DRIFT: Timing = Timing {
     quiet: Duration::from_millis(100),
     max_wait: Duration::from_millis(500),
+    busy_cap: Duration::from_secs(30),
 };
 
 /// Delivers each key of `changes` once its burst is over (see the module
 /// docs). Stops when cancelled, when `changes` closes, or when `deliver`
 /// answers false.
 pub(crate) async fn debounce<K, F, Fut>(
-    mut changes: mpsc::UnboundedReceiver<K>,
+    mut changes: mpsc::UnboundedReceiver<(K, bool)>,
     timing: Timing,
     cancel: CancellationToken,
     mut deliver: F,
@@ -66,21 +78,31 @@ pub(crate) async fn debounce<K, F, Fut>(
     F: FnMut(K) -> Fut,
     Fut: Future<Output = bool>,
 {
-    // key -> (first change of the burst, when to deliver)
-    let mut due: HashMap<K, (Instant, Instant)> = HashMap::new();
+    // key -> (first change of the burst, when to deliver, a writer is busy)
+    let mut due: HashMap<K, (Instant, Instant, bool)> = HashMap::new();
     loop {
-        let next = due.values().map(|(_, at)| *at).min();
+        let next = due.values().map(|(_, at, _)| *at).min();
         tokio::select! {
             _ = cancel.cancelled() => return,
             got = changes.recv() => {
-                let Some(key) = got else { return };
+                let Some((key, busy)) = got else { return };
                 let now = Instant::now();
-                let (first, at) = due.entry(key).or_insert((now, now));
-                *at = (now + timing.quiet).min(*first + timing.max_wait);
+                let (first, at, was_busy) = due.entry(key).or_insert((now, now, false));
+                if busy {
+                    // Wait for the close (or rename), but not forever.
+                    *at = *first + timing.busy_cap;
+                } else if *was_busy {
+                    // The other writer is done: a fresh, short burst.
+                    *first = now;
+                    *at = now + timing.quiet;
+                } else {
+                    *at = (now + timing.quiet).min(*first + timing.max_wait);
+                }
+                *was_busy = busy;
             }
             _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
                 let now = Instant::now();
-                let ripe: Vec<K> = due.iter().filter(|(_, (_, at))| *at <= now).map(|(k, _)| k.clone()).collect();
+                let ripe: Vec<K> = due.iter().filter(|(_, (_, at, _))| *at <= now).map(|(k, _)| k.clone()).collect();
                 for key in ripe {
                     due.remove(&key);
                     if !deliver(key).await {
@@ -106,7 +128,7 @@ pub(crate) fn config<F, Fut>(
     let dir = main.parent().unwrap_or(Path::new(".")).to_path_buf();
     let dropins = config::dropin_dir(main);
     let main_name = main.file_name().map(|n| n.to_os_string());
-    let (tx, rx) = mpsc::unbounded_channel::<()>();
+    let (tx, rx) = mpsc::unbounded_channel::<((), bool)>();
     let watcher = Watcher::new({
         let dropins = dropins.clone();
         move |path: &Path| {
@@ -114,7 +136,7 @@ pub(crate) fn config<F, Fut>(
                 || path.file_name().map(|n| n.to_os_string()) == main_name
                 || path.file_name().is_some_and(|n| n == "config.d");
             if relevant {
-                let _ = tx.send(());
+                let _ = tx.send(((), false));
             }
         }
     });
@@ -144,10 +166,10 @@ pub(crate) fn key_file(
 ) {
     let target = path.to_path_buf();
     let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
-    let (changed, changes) = mpsc::unbounded_channel::<()>();
+    let (changed, changes) = mpsc::unbounded_channel::<((), bool)>();
     let watcher = Watcher::new(move |path: &Path| {
         if path == target {
-            let _ = changed.send(());
+            let _ = changed.send(((), false));
         }
     });
     let mut watcher = match watcher {
@@ -169,16 +191,19 @@ pub(crate) fn key_file(
     }));
 }
 
-/// Watches the directories of the users' files and turns changes to those
-/// files into drift repairs of the users concerned. The agent's own writes
-/// show up too; they find the file already right and write nothing, so no
-/// loop starts.
+/// Watches the directories of the users' files, each as its owner, and
+/// turns changes to those files into drift repairs of the users concerned.
+/// The agent's own writes show up too; they find the file already right and
+/// write nothing, so no loop starts.
 pub(crate) struct DriftWatch {
     /// A user's file, and the directory holding it (for the directory itself
     /// being removed or moved), to the users concerned.
     targets: Arc<Mutex<HashMap<PathBuf, Vec<String>>>>,
-    watcher: Option<Watcher>,
+    watch: Option<UserDirWatch>,
 }
+
+/// A file to watch for drift: its path, its user, and the ids to watch as.
+pub(crate) type DriftTarget = (PathBuf, String, Option<(Uid, Gid)>);
 
 impl DriftWatch {
     pub(crate) fn new<F, Fut>(tracker: &TaskTracker, cancel: CancellationToken, repair: F) -> Self
@@ -188,46 +213,50 @@ impl DriftWatch {
     {
         let targets: Arc<Mutex<HashMap<PathBuf, Vec<String>>>> = Arc::default();
         let lookup = targets.clone();
-        let (changed, changes) = mpsc::unbounded_channel::<String>();
-        let watcher = Watcher::new(move |path: &Path| {
+        let (changed, changes) = mpsc::unbounded_channel::<(String, bool)>();
+        let watch = UserDirWatch::new(cancel.clone(), move |seen: Seen| {
             let users = lookup
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .get(path)
+                .get(&seen.path)
                 .cloned();
             for user in users.into_iter().flatten() {
-                let _ = changed.send(user);
+                let _ = changed.send((user, seen.busy));
             }
         });
-        let watcher = match watcher {
-            Ok(w) => Some(w),
+        let watch = match watch {
+            Ok((watch, reader)) => {
+                tracker.spawn(reader);
+                Some(watch)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "no directory watch ({e}); drift is repaired at the next poll");
                 None
             }
         };
         tracker.spawn(debounce(changes, DRIFT, cancel, repair));
-        DriftWatch { targets, watcher }
+        DriftWatch { targets, watch }
     }
 
     /// Follows the users' current files.
-    pub(crate) fn update(&mut self, files: Vec<(PathBuf, String)>) {
-        let Some(watcher) = self.watcher.as_mut() else {
+    pub(crate) fn update(&mut self, files: Vec<DriftTarget>) {
+        let Some(watch) = self.watch.as_ref() else {
             return;
         };
         // Watching again is cheap, and catches a directory that was removed
         // and made anew (a new inode) since the last update. One that does
-        // not exist yet is watched after the write that creates it. Not under
-        // the `targets` lock: notify's `watch` waits for its event thread,
-        // which may be in the callback waiting for that lock (a deadlock).
-        for (file, _) in &files {
-            if let Some(dir) = file.parent() {
-                watcher.watch(dir);
+        // not exist yet is watched after the write that creates it.
+        for (file, user, owner) in &files {
+            if let Some(dir) = file.parent()
+                && !watch.watch(dir, *owner)
+                && dir.exists()
+            {
+                tracing::warn!(user = %user, dir = %dir.display(), "cannot watch {} for user {user}; drift there is repaired at the next poll", dir.display());
             }
         }
         let mut targets = self.targets.lock().unwrap_or_else(|p| p.into_inner());
         targets.clear();
-        for (file, user) in files {
+        for (file, user, _) in files {
             if let Some(dir) = file.parent() {
                 targets
                     .entry(dir.to_path_buf())
@@ -248,11 +277,18 @@ mod tests {
     const T: Timing = Timing {
         quiet: Duration::from_millis(100),
         max_wait: Duration::from_millis(500),
+        busy_cap: Duration::from_secs(10),
     };
 
     /// Runs the debouncer over `changes` (key, at ms) and returns what was
     /// delivered, with the time in ms since the start.
     async fn run(changes: &[(&'static str, u64)]) -> Vec<(&'static str, u64)> {
+        let changes: Vec<_> = changes.iter().map(|(k, at)| (*k, *at, false)).collect();
+        run_busy(&changes).await
+    }
+
+    /// Like [`run`], with (key, at ms, the writer is busy).
+    async fn run_busy(changes: &[(&'static str, u64, bool)]) -> Vec<(&'static str, u64)> {
         let start = Instant::now();
         let (tx, rx) = mpsc::unbounded_channel();
         let (out_tx, mut out_rx) = mpsc::unbounded_channel();
@@ -261,11 +297,11 @@ mod tests {
             let _ = out_tx.send((k, start.elapsed().as_millis() as u64));
             async { true }
         }));
-        for (key, at) in changes {
+        for (key, at, busy) in changes {
             tokio::time::sleep_until(start + Duration::from_millis(*at)).await;
-            tx.send(*key).unwrap();
+            tx.send((*key, *busy)).unwrap();
         }
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_secs(20)).await;
         cancel.cancel();
         task.await.unwrap();
         let mut out = Vec::new();
@@ -294,5 +330,19 @@ mod tests {
     async fn keys_are_debounced_apart() {
         let got = run(&[("a", 0), ("b", 30), ("a", 60)]).await;
         assert_eq!(got, [("b", 130), ("a", 160)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_writer_is_waited_for_until_it_closes() {
+        // A slow writer modifies the file for 3 s through one descriptor,
+        // then closes it: nothing before the close, one delivery after.
+        let mut changes: Vec<(&str, u64, bool)> = (0..30).map(|i| ("a", i * 100, true)).collect();
+        changes.push(("a", 3_000, false));
+        assert_eq!(run_busy(&changes).await, [("a", 3_100)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_writer_that_never_closes_is_waited_for_at_most_busy_cap() {
+        assert_eq!(run_busy(&[("a", 0, true)]).await, [("a", 10_000)]);
     }
 }

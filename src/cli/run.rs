@@ -15,6 +15,15 @@ pub fn main(config: &Path, once: bool, log_format: LogFormat) -> u8 {
             return EXIT_USAGE;
         }
     };
+    // Before anything else: one agent per state dir.
+    let _lock = match take_state_dir(&settings.state_dir) {
+        Ok(lock) => lock,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("keysync: {e}");
+            return EXIT_USAGE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(8)
@@ -43,4 +52,12 @@ pub fn main(config: &Path, once: bool, log_format: LogFormat) -> u8 {
             EXIT_FAILED
         }
     }
+}
+
+/// Makes the state dir if needed and takes its lock (`crate::lock`).
+fn take_state_dir(dir: &Path) -> Result<crate::lock::StateLock, String> {
+    crate::state::StateDir::new(dir)
+        .ensure()
+        .map_err(|e| format!("cannot create state_dir {}: {e}", dir.display()))?;
+    crate::lock::acquire(dir).map_err(|e| e.to_string())
 }

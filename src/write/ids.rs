@@ -52,3 +52,20 @@ pub(super) fn current_fsuid() -> Uid {
 pub(super) fn current_fsgid() -> Gid {
     unistd::setfsgid(Gid::from_raw(u32::MAX))
 }
+
+/// Runs `f` on this thread with `uid`/`gid` as its filesystem ids (when the
+/// process is root; otherwise as it is), for work outside the writer that
+/// must see a home as its user does, such as adding a directory watch.
+pub(crate) fn as_user<T>(
+    uid: Uid,
+    gid: Gid,
+    path: &Path,
+    f: impl FnOnce() -> T,
+) -> Result<T, WriteError> {
+    let _ids = if unistd::geteuid().is_root() {
+        Some(FsIds::switch(uid, gid, path)?)
+    } else {
+        None
+    };
+    Ok(f())
+}

@@ -39,11 +39,14 @@ use nix::unistd::{Gid, Uid};
 use tracing::{debug, warn};
 
 mod ids;
+mod strict;
 mod temp;
 #[cfg(test)]
 mod tests;
 mod walk;
 
+pub(crate) use ids::as_user;
+pub use strict::strict_modes_problem;
 use temp::remove_stale_temps;
 use walk::Writer;
 
