@@ -341,6 +341,22 @@ pub fn parse_authorized_keys(text: &str, policy: &Policy) -> (KeySet, Vec<Reject
     )
 }
 
+/// The (algorithm, base64 blob) an authorized_keys line of another writer
+/// names, with its options split off as for an entry; None for a blank or
+/// comment line, or one whose fields do not look like a key. Used to find
+/// copies of revoked keys outside the managed block.
+pub fn line_key_id(line: &str) -> Option<(&str, &str)> {
+    let text = line.trim_matches([' ', '\t', '\r', '\n']);
+    if text.is_empty() || text.starts_with('#') {
+        return None;
+    }
+    let (_, rest) = split_options(text);
+    let mut fields = rest.split([' ', '\t']).filter(|f| !f.is_empty());
+    let algorithm = fields.next()?;
+    let blob = fields.next()?;
+    looks_like_algorithm(algorithm).then_some((algorithm, blob))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,6 +44,7 @@ pub struct Metrics {
     pub writes_total: Family<UserLabels, Counter>,
     pub drift_repairs_total: Family<UserLabels, Counter>,
     pub fetch_duration: Family<SourceLabels, Histogram>,
+    pub revoked_copies: Family<UserLabels, Gauge>,
     /// The sources and users whose series are currently exported.
     exported: Mutex<Exported>,
 }
@@ -80,6 +81,12 @@ impl Default for Metrics {
             "Duration of fetches per source",
             fetch_duration.clone(),
         );
+        let revoked_copies = Family::<UserLabels, Gauge>::default();
+        registry.register(
+            "revoked_copies",
+            "Lines of other writers in the user's file that carry a key deleted on the account",
+            revoked_copies.clone(),
+        );
         Metrics {
             registry,
             fetch_total,
@@ -88,6 +95,7 @@ impl Default for Metrics {
             writes_total,
             drift_repairs_total,
             fetch_duration,
+            revoked_copies,
             exported: Mutex::default(),
         }
     }
@@ -124,6 +132,9 @@ impl Metrics {
             self.keys
                 .get_or_create(&UserLabels { user: name.clone() })
                 .set(count);
+            self.revoked_copies
+                .get_or_create(&UserLabels { user: name.clone() })
+                .set(i64::try_from(user.revoked_copies).unwrap_or(i64::MAX));
         }
         let text = self.encode();
         if openmetrics {
@@ -163,6 +174,7 @@ impl Metrics {
             self.keys.remove(&labels);
             self.writes_total.remove(&labels);
             self.drift_repairs_total.remove(&labels);
+            self.revoked_copies.remove(&labels);
         }
         for source in &sources {
             // get_or_create hands out a read guard; only the creation matters.

@@ -100,6 +100,28 @@ pub fn merge_block(existing: Option<&[u8]>, lines: &[String]) -> Option<Vec<u8>>
     Some(out)
 }
 
+/// The lines outside the managed block of `content` for which `drop`
+/// answers true are taken out; returns the new content and how many went.
+/// Used, when asked, to remove other writers' copies of revoked keys.
+pub fn drop_foreign_lines(content: &[u8], drop: impl Fn(&[u8]) -> bool) -> (Vec<u8>, usize) {
+    let mut out = Vec::with_capacity(content.len());
+    let mut dropped = 0;
+    let mut inside = false;
+    for line in content.split_inclusive(|&b| b == b'\n') {
+        match (inside, marker(line)) {
+            (false, Some(Marker::Begin)) => inside = true,
+            (true, Some(Marker::End)) => inside = false,
+            (false, None) if drop(line) => {
+                dropped += 1;
+                continue;
+            }
+            _ => {}
+        }
+        out.extend_from_slice(line);
+    }
+    (out, dropped)
+}
+
 /// The keys currently inside the managed block of `content` (lines between
 /// the first BEGIN and its END), for reading back what the agent manages.
 pub fn managed_lines(content: &[u8]) -> Vec<&[u8]> {
@@ -130,6 +152,17 @@ fn plain(lines: &[String]) -> Vec<u8> {
     let mut out = Vec::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
     for line in lines {
         out.extend_from_slice(line.as_bytes());
+        out.push(b'\n');
+    }
+    out
+}
+
+/// The `RevokedKeys` file (DESIGN.md §4): one public key per line, in
+/// OpenSSH's plain format; empty when nothing is revoked.
+pub fn revoked_keys<'a>(keys: impl IntoIterator<Item = &'a str>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for key in keys {
+        out.extend_from_slice(key.as_bytes());
         out.push(b'\n');
     }
     out

@@ -4,6 +4,13 @@
 //!   so a restart without network serves the last good keys. Root only, 0600.
 //! - `users/<user>.keys`: the per-user cache the `authorized-keys` hook
 //!   prints, in authorized_keys format, 0640, group `keysync` when it exists.
+//! - `revoked_keys`: the OpenSSH `RevokedKeys` file, 0644 (sshd reads it
+//!   before any key file; missing, it refuses every key, so it is made at
+//!   start and only ever replaced atomically), with `revoked.json` beside it
+//!   recording when each key was revoked, for `policy.revoked_retention`.
+//! - `written.json`: what the agent last wrote for each user (mode, file),
+//!   so a start after a config change removes what the new config no longer
+//!   asks for.
 //!
 //! Persisted keys are validated again on load with the current policy, so a
 //! tampered or older state file cannot bring in a key the policy refuses.
@@ -36,6 +43,18 @@ struct Record {
     #[serde(default)]
     etag: Option<String>,
     keys: Vec<String>,
+}
+
+/// Keys revoked by an authoritative answer: `"<algorithm> <blob>"` to the
+/// Unix time (ms) of the revocation.
+pub(crate) type Revoked = std::collections::BTreeMap<String, u64>;
+
+/// What was written for one user, as `written.json` records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Written {
+    pub write: crate::config::WriteMode,
+    /// The home file (block or fragment mode), expanded.
+    pub path: Option<PathBuf>,
 }
 
 /// The state directory.
@@ -167,13 +186,77 @@ impl StateDir {
         write::apply(&spec, &mut |_| None)
     }
 
+    fn root_file(&self, name: &str, mode: u32) -> FileSpec {
+        FileSpec {
+            path: self.root.join(name),
+            base: self.root.clone(),
+            owner: Some((Uid::from_raw(0), Gid::from_raw(0))),
+            act_as: None,
+            file_mode: mode,
+            dir_mode: 0o750,
+        }
+    }
+
+    /// Makes `revoked_keys` exist (empty) if it does not: sshd refuses every
+    /// public key while the file its `RevokedKeys` names is missing.
+    pub(crate) fn ensure_revoked_keys(&self) -> Result<Outcome, WriteError> {
+        let spec = self.root_file("revoked_keys", 0o644);
+        write::apply(&spec, &mut |cur| {
+            Some(cur.map(<[u8]>::to_vec).unwrap_or_default())
+        })
+    }
+
+    /// The revoked keys and when each was revoked; empty when unknown.
+    pub(crate) fn load_revoked(&self) -> Revoked {
+        let path = self.root.join("revoked.json");
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring corrupt {}: {e}", path.display());
+                Revoked::new()
+            }),
+            Err(_) => Revoked::new(),
+        }
+    }
+
+    /// Writes `revoked_keys` (what sshd reads) and `revoked.json` (the times).
+    pub(crate) fn save_revoked(&self, revoked: &Revoked) -> Result<(), WriteError> {
+        let keys = crate::render::revoked_keys(revoked.keys().map(String::as_str));
+        write::apply(&self.root_file("revoked_keys", 0o644), &mut |_| {
+            Some(keys.clone())
+        })?;
+        // Serializing strings and numbers cannot fail.
+        let json = serde_json::to_vec_pretty(revoked).unwrap_or_default();
+        write::apply(&self.root_file("revoked.json", 0o600), &mut |_| {
+            Some(json.clone())
+        })?;
+        Ok(())
+    }
+
+    /// What was last written for each user (see [`Written`]).
+    pub(crate) fn load_written(&self) -> std::collections::BTreeMap<String, Written> {
+        std::fs::read(self.root.join("written.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn save_written(
+        &self,
+        written: &std::collections::BTreeMap<String, Written>,
+    ) -> Result<Outcome, WriteError> {
+        // Serializing strings and enums cannot fail.
+        let json = serde_json::to_vec_pretty(written).unwrap_or_default();
+        write::apply(&self.root_file("written.json", 0o600), &mut |_| {
+            Some(json.clone())
+        })
+    }
+
     /// Reads a user's cache back (what the agent last wrote for the user).
     pub(crate) fn load_cache(&self, user: &str) -> Option<Vec<u8>> {
         std::fs::read(self.cache_path(user)).ok()
     }
 
     /// Names of users that have a cache file.
-    #[cfg(test)]
     pub(crate) fn cached_users(&self) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(self.root.join("users")) else {
             return Vec::new();

@@ -72,6 +72,10 @@ pub struct UserStatus {
     pub last_error: Option<String>,
     /// Waiting for sources, or for the confirmation of a mass removal.
     pub pending: Option<String>,
+    /// Lines of other writers in the user's file that carry a revoked key
+    /// (sshd refuses them through `RevokedKeys`).
+    #[serde(default)]
+    pub revoked_copies: usize,
 }
 
 /// A source's kind, as `/status` names it.

@@ -127,11 +127,77 @@ async fn drift_repair_waits_for_a_slow_writer_to_close_the_file() {
     .await
     .unwrap();
     let content = std::fs::read_to_string(&target).unwrap();
-    assert!(repaired, "block not re-asserted:\n{content}\nlog:\n{}", agent.log_text());
+    assert!(
+        repaired,
+        "block not re-asserted:\n{content}\nlog:\n{}",
+        agent.log_text()
+    );
     for i in 0..40 {
         assert!(
             content.contains(&format!("# line {i} of a slow writer\n")),
             "line {i} of the slow writer lost:\n{content}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agents_supplementary_groups_never_reach_a_users_home() {
+    use std::os::unix::fs::MetadataExt;
+    use support::agent::require_root;
+    use support::users::TestUser;
+    if !require_root("the_agents_supplementary_groups_never_reach_a_users_home") {
+        return;
+    }
+    let cp = control_plane().await;
+    let env = TestEnv::new();
+    std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let user = TestUser::create("ks-groups", env.path().join("home-groups"), true);
+    // A file only group `group` may read, and a hard link to it planted at
+    // the user's authorized_keys (as a user could where hard links to
+    // readable files are allowed).
+    let group = format!("ks-sec-{:08x}", fastrand::u32(..));
+    assert!(
+        Command::new("groupadd")
+            .arg(&group)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let gid = nix::unistd::Group::from_name(&group).unwrap().unwrap().gid;
+    let secret = env.path().join("secret");
+    std::fs::write(&secret, "# secret-of-the-group\n").unwrap();
+    std::os::unix::fs::chown(&secret, Some(0), Some(gid.as_raw())).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::fs::create_dir_all(user.ssh()).unwrap();
+    user.chown(&user.ssh());
+    std::fs::set_permissions(user.ssh(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::hard_link(&secret, user.keys()).unwrap();
+
+    let text = env
+        .config_for(&cp.url(), "", "")
+        .replace("name = \"root\"", &format!("name = \"{}\"", user.name))
+        .replace(&format!("path = \"{}\"", env.target().display()), "");
+    env.write_config(&text);
+    let config = env.config_path();
+    let group_arg = gid.as_raw().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("setpriv")
+            .args(["--groups", &group_arg, "--"])
+            .arg(bin())
+            .args(["run", "--once", "--config", config.to_str().unwrap()])
+            .env("KEYSYNC_TEST_API_KEY", "test-token")
+            .env_remove("NOTIFY_SOCKET")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let _ = Command::new("groupdel").arg(&group).status();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let meta = std::fs::metadata(user.keys()).unwrap();
+    let content = std::fs::read_to_string(user.keys()).unwrap();
+    assert!(
+        !(meta.uid() == user.uid && content.contains("secret-of-the-group")),
+        "the group's file was copied into the user's home:\n{content}\n{stderr}"
+    );
 }

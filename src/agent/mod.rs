@@ -24,7 +24,9 @@ use crate::systemd::Notifier;
 
 mod fetch;
 mod projection;
+mod reconcile;
 pub(crate) mod report;
+mod revoke;
 pub mod signals;
 mod syncer;
 mod watch;

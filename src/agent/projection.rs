@@ -37,6 +37,8 @@ pub(crate) struct UserAttempt {
     pub(crate) last_error: Option<String>,
     /// Waiting for sources, or for the confirmation of a mass removal.
     pub(crate) pending: Option<String>,
+    /// Other writers' lines in the user's file that carry a revoked key.
+    pub(crate) revoked_copies: usize,
 }
 
 impl AttemptLog {
@@ -112,6 +114,7 @@ pub(crate) fn project(settings: &Settings, engine: &Engine, log: &AttemptLog) ->
                 drift_repairs: attempt.drift_repairs,
                 last_error: attempt.last_error.clone(),
                 pending: attempt.pending.clone(),
+                revoked_copies: attempt.revoked_copies,
             };
             (user.name.clone(), status)
         })

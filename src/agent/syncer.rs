@@ -10,6 +10,7 @@ use std::time::{Instant, SystemTime};
 
 use super::projection::{AttemptLog, project};
 use super::report::{FetchReport, Fetched, Report};
+use super::revoke::Revocation;
 use crate::config::{Settings, UserSettings, WriteMode};
 use crate::engine::{Engine, Plan};
 use crate::keys::{self, KeySet, Policy};
@@ -51,6 +52,9 @@ pub(crate) struct Syncer {
     state: StateDir,
     log: AttemptLog,
     metrics: std::sync::Arc<Metrics>,
+    revocation: Revocation,
+    /// What was written for each user (`written.json`).
+    written: super::reconcile::Record,
 }
 
 impl Syncer {
@@ -62,12 +66,15 @@ impl Syncer {
         }
         let mut syncer = Syncer {
             engine: Engine::new(&settings),
+            revocation: Revocation::load(&state),
+            written: Default::default(),
             state,
             log: AttemptLog::default(),
             metrics,
             settings,
         };
         syncer.restore();
+        syncer.written = super::reconcile::at_start(&syncer.settings, &syncer.state);
         syncer.remove_leftovers();
         syncer.config_loaded(None);
         syncer
@@ -187,7 +194,8 @@ impl Syncer {
             let new = self.settings.users.iter().find(|u| u.name == name);
             let moved = new.is_none_or(|n| n.write != old.write || n.path != old.path);
             if moved {
-                self.clear_home_file(&old);
+                super::reconcile::clear_home_file(&old);
+                self.written.remove(&name);
             }
             if new.is_none()
                 && let Err(e) = self.state.remove_cache(&name)
@@ -201,23 +209,6 @@ impl Syncer {
     /// Records a failed reload: the running config stays.
     pub(crate) fn reload_failed(&mut self, error: String) {
         self.config_loaded(Some(error));
-    }
-
-    fn clear_home_file(&self, user: &UserSettings) {
-        let Ok(account) = users::lookup(&user.name) else {
-            return;
-        };
-        let Some(spec) = users::home_file_spec(user, &account) else {
-            return;
-        };
-        let result = match user.write {
-            WriteMode::Block => write::apply(&spec, &mut |cur| render::merge_block(cur, &[])),
-            WriteMode::Fragment => write::apply(&spec, &mut |_| None),
-            WriteMode::None => return,
-        };
-        if let Err(e) = result {
-            tracing::warn!(user = %user.name, error = %e, "cannot remove keys from the old target of user {}: {e}", user.name);
-        }
     }
 
     /// Takes in a report; returns the users whose keys may have changed.
@@ -270,6 +261,8 @@ impl Syncer {
                 // Every good answer refreshes the persisted time, so a
                 // restart reports (and `max_stale` measures) the real one.
                 self.persist(name, &good);
+                let old = self.engine.last_good(name).map(|g| &g.keys);
+                self.revocation.answered(&self.state, old, keys);
                 self.engine.answer(name, good, now);
             }
             Fetched::Unchanged => {
@@ -334,6 +327,7 @@ impl Syncer {
             }
         };
         self.log.user(name).pending = pending;
+        let wrote = keys.is_some();
         if let Some(keys) = keys {
             match self.write_user(&user, &keys) {
                 Ok(wrote) => {
@@ -347,7 +341,28 @@ impl Syncer {
                 }
             }
         }
+        if wrote {
+            self.settle_revocations();
+        }
         outcome
+    }
+
+    /// Revokes what no source grants and no user holds any more.
+    fn settle_revocations(&mut self) {
+        let sources: Vec<&str> = self.settings.sources.keys().map(String::as_str).collect();
+        let users: Vec<&str> = self
+            .settings
+            .users
+            .iter()
+            .map(|u| u.name.as_str())
+            .collect();
+        self.revocation.settle(
+            &self.state,
+            &self.engine,
+            &sources,
+            &users,
+            self.settings.policy.revoked_retention,
+        );
     }
 
     /// Writes the cache and the home file of one user; true when the home
@@ -359,16 +374,39 @@ impl Syncer {
         let lines = render::key_lines(keys, user.options.as_deref());
         let cache = render::cache(&lines);
         let mut wrote_any = false;
-        match self.state.save_cache(name, &cache) {
-            Ok(Outcome::Unchanged) => {}
-            Ok(_) => wrote_any = true,
-            Err(e) => return Err(format!("cache: {}", error_chain(&e))),
-        }
-        let spec = users::home_file_spec(user, &account);
-        let home = match (&spec, user.write) {
-            (Some(spec), WriteMode::Block) => {
-                write::apply(spec, &mut |cur| render::merge_block(cur, &lines))
+        // A cache that cannot be rewritten is removed (the hook then fails
+        // closed) and the home file is written anyway: a failed write of one
+        // file never keeps a removed key in another.
+        let cache_error = match self.state.save_cache(name, &cache) {
+            Ok(Outcome::Unchanged) => None,
+            Ok(_) => {
+                wrote_any = true;
+                None
             }
+            Err(e) => {
+                let error = format!("cache: {}", error_chain(&e));
+                if let Err(e) = self.state.remove_cache(name) {
+                    tracing::error!(user = %name, "cannot remove the stale cache of user {name} either: {e}");
+                }
+                Some(error)
+            }
+        };
+        let spec = users::home_file_spec(user, &account);
+        let copies = std::cell::Cell::new(0usize);
+        let remove_copies = self.settings.policy.remove_revoked_copies;
+        let revocation = &self.revocation;
+        let home = match (&spec, user.write) {
+            (Some(spec), WriteMode::Block) => write::apply(spec, &mut |cur| {
+                // Other writers' copies of revoked keys: counted, and
+                // removed only when the config asks for it.
+                let merged = render::merge_block(cur, &lines)?;
+                if revocation.len() == 0 {
+                    return Some(merged);
+                }
+                let (kept, dropped) = render::drop_foreign_lines(&merged, |l| revocation.covers(l));
+                copies.set(dropped);
+                Some(if remove_copies { kept } else { merged })
+            }),
             (Some(spec), WriteMode::Fragment) => {
                 write::apply(spec, &mut |_| render::fragment(&lines))
             }
@@ -376,6 +414,17 @@ impl Syncer {
         };
         let wrote_home = home.map_err(|e| error_chain(&e))? != Outcome::Unchanged;
         wrote_any |= wrote_home;
+        self.note_revoked_copies(name, copies.get(), spec.as_ref().map(|s| s.path.as_path()));
+        super::reconcile::record(
+            &mut self.written,
+            &self.state,
+            user,
+            spec.as_ref().map(|s| s.path.clone()),
+        );
+        if let Some(error) = cache_error {
+            self.engine.written(name, keys.clone());
+            return Err(error);
+        }
         self.log_changes(name, keys);
         self.engine.written(name, keys.clone());
         if wrote_any {
@@ -396,6 +445,29 @@ impl Syncer {
             attempt.last_write = Some(SystemTime::now());
         }
         Ok(wrote_home)
+    }
+
+    /// Reports other writers' lines that carry a revoked key (once per change).
+    fn note_revoked_copies(&mut self, user: &str, copies: usize, path: Option<&Path>) {
+        let remove = self.settings.policy.remove_revoked_copies;
+        let attempt = self.log.user(user);
+        if copies != attempt.revoked_copies && copies > 0 {
+            let path = path.map(|p| p.display().to_string()).unwrap_or_default();
+            if remove {
+                tracing::warn!(
+                    user,
+                    copies,
+                    "removed {copies} line(s) of another writer from {path} that carried a key deleted on the account (policy.remove_revoked_copies)"
+                );
+            } else {
+                tracing::warn!(
+                    user,
+                    copies,
+                    "{path} has {copies} line(s) of another writer carrying a key deleted on the account; sshd refuses them through RevokedKeys (set policy.remove_revoked_copies where sshd cannot be configured)"
+                );
+            }
+        }
+        attempt.revoked_copies = if remove { 0 } else { copies };
     }
 
     fn log_changes(&self, user: &str, keys: &KeySet) {

@@ -15,6 +15,7 @@ pub fn main(config: &Path, once: bool, log_format: LogFormat) -> u8 {
             return EXIT_USAGE;
         }
     };
+    drop_supplementary_groups();
     // Before anything else: one agent per state dir.
     let _lock = match take_state_dir(&settings.state_dir) {
         Ok(lock) => lock,
@@ -55,9 +56,44 @@ pub fn main(config: &Path, once: bool, log_format: LogFormat) -> u8 {
 }
 
 /// Makes the state dir if needed and takes its lock (`crate::lock`).
+/// The revoked keys file is made first of all (sshd refuses every key while
+/// the file its `RevokedKeys` names is missing), even when another agent
+/// holds the lock: creating a missing empty file cannot hurt that one.
 fn take_state_dir(dir: &Path) -> Result<crate::lock::StateLock, String> {
-    crate::state::StateDir::new(dir)
+    let state = crate::state::StateDir::new(dir);
+    state
         .ensure()
         .map_err(|e| format!("cannot create state_dir {}: {e}", dir.display()))?;
+    if let Err(e) = state.ensure_revoked_keys() {
+        tracing::error!(
+            "cannot create the revoked keys file in {}: {e}; sshd refuses every key while it is missing",
+            dir.display()
+        );
+    }
     crate::lock::acquire(dir).map_err(|e| e.to_string())
+}
+
+/// Inside a user's home the agent acts with the user's fsuid/fsgid; the
+/// supplementary groups it was started with would still apply there (a hard
+/// link the user planted could then copy a file of one of those groups into
+/// the home), so a root agent drops them all before any thread starts.
+/// The shipped unit starts it with none (and its syscall filter denies
+/// setgroups), so there this is a no-op.
+fn drop_supplementary_groups() {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    match nix::unistd::getgroups() {
+        Ok(groups) if groups.is_empty() => {}
+        Ok(groups) => {
+            if let Err(e) = nix::unistd::setgroups(&[]) {
+                tracing::warn!(
+                    groups = groups.len(),
+                    "cannot drop the {} supplementary group(s) the agent was started with ({e}); start it without them (as the shipped unit does)",
+                    groups.len()
+                );
+            }
+        }
+        Err(e) => tracing::warn!("cannot read the agent's supplementary groups: {e}"),
+    }
 }

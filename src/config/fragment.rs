@@ -67,6 +67,8 @@ pub(super) struct PolicyFragment {
     pub(super) allow_source_options: Option<bool>,
     pub(super) max_stale: Option<Spanned<String>>,
     pub(super) confirm_delay: Option<Spanned<String>>,
+    pub(super) revoked_retention: Option<Spanned<String>>,
+    pub(super) remove_revoked_copies: Option<bool>,
     #[serde(skip)]
     pub(super) origin: Option<PathBuf>,
 }
@@ -167,7 +169,7 @@ impl SourceFragment {
 impl PolicyFragment {
     fn merge(&mut self, later: PolicyFragment) {
         take_later!(self, later; min_rsa_bits, allowed_algorithms, allow_source_options,
-            max_stale, confirm_delay);
+            max_stale, confirm_delay, revoked_retention, remove_revoked_copies);
         self.origin = later.origin;
     }
 }

@@ -152,6 +152,12 @@ pub struct PolicySettings {
     /// Delay of the second fetch that confirms a mass removal. Default 5 s.
     #[serde(with = "dur")]
     pub confirm_delay: Duration,
+    /// How long a key deleted on the account stays in `revoked_keys`. Default 90 days.
+    #[serde(with = "dur")]
+    pub revoked_retention: Duration,
+    /// Remove other writers' lines that carry a revoked key (for containers
+    /// whose sshd cannot be given `RevokedKeys`). Default false: reported only.
+    pub remove_revoked_copies: bool,
 }
 
 impl Default for PolicySettings {
@@ -160,6 +166,8 @@ impl Default for PolicySettings {
             keys: Policy::default(),
             max_stale: None,
             confirm_delay: Duration::from_secs(5),
+            revoked_retention: Duration::from_secs(90 * 24 * 3600),
+            remove_revoked_copies: false,
         }
     }
 }

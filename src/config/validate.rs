@@ -343,6 +343,12 @@ fn validate_policy(f: PolicyFragment, at: &At<'_>) -> Result<PolicySettings, Con
     if let Some(v) = &f.confirm_delay {
         policy.confirm_delay = duration(at, "policy.confirm_delay", v)?;
     }
+    if let Some(v) = &f.revoked_retention {
+        policy.revoked_retention = positive(at, "policy.revoked_retention", v)?;
+    }
+    if let Some(remove) = f.remove_revoked_copies {
+        policy.remove_revoked_copies = remove;
+    }
     Ok(policy)
 }
 
