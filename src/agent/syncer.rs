@@ -34,6 +34,11 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// How many added (and removed) keys of one write are logged one by one: a
+/// new instance with a fleet-sized list must not spend its first sync (and
+/// the journal) on ten thousand lines.
+const LOGGED_CHANGES: usize = 100;
+
 /// What syncing one user asks of the caller.
 #[derive(Debug, Default)]
 pub(crate) struct SyncOutcome {
@@ -497,16 +502,32 @@ impl Syncer {
                     }
                 }
             }
+            let mut count = 0usize;
             for key in added {
+                count += 1;
+                if count > LOGGED_CHANGES {
+                    continue;
+                }
                 let source = sources_of
                     .get(&key.id())
                     .map(|s| s.join(","))
                     .unwrap_or_default();
                 tracing::info!(user, source, fingerprint = %key.fingerprint, comment = %key.comment, "key added");
             }
+            if count > LOGGED_CHANGES {
+                tracing::info!(user, added = count, "{count} keys added for user {user}; only the first {LOGGED_CHANGES} are logged one by one");
+            }
         }
-        for key in before.keys().iter().filter(|k| !new.contains(&k.id())) {
-            tracing::info!(user, fingerprint = %key.fingerprint, comment = %key.comment, "key removed");
+        let removed = before.keys().iter().filter(|k| !new.contains(&k.id()));
+        let mut count = 0usize;
+        for key in removed {
+            count += 1;
+            if count <= LOGGED_CHANGES {
+                tracing::info!(user, fingerprint = %key.fingerprint, comment = %key.comment, "key removed");
+            }
+        }
+        if count > LOGGED_CHANGES {
+            tracing::info!(user, removed = count, "{count} keys removed for user {user}; only the first {LOGGED_CHANGES} are logged one by one");
         }
     }
 
