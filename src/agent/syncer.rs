@@ -515,7 +515,11 @@ impl Syncer {
                 tracing::info!(user, source, fingerprint = %key.fingerprint, comment = %key.comment, "key added");
             }
             if count > LOGGED_CHANGES {
-                tracing::info!(user, added = count, "{count} keys added for user {user}; only the first {LOGGED_CHANGES} are logged one by one");
+                tracing::info!(
+                    user,
+                    added = count,
+                    "{count} keys added for user {user}; only the first {LOGGED_CHANGES} are logged one by one"
+                );
             }
         }
         let removed = before.keys().iter().filter(|k| !new.contains(&k.id()));
@@ -527,7 +531,11 @@ impl Syncer {
             }
         }
         if count > LOGGED_CHANGES {
-            tracing::info!(user, removed = count, "{count} keys removed for user {user}; only the first {LOGGED_CHANGES} are logged one by one");
+            tracing::info!(
+                user,
+                removed = count,
+                "{count} keys removed for user {user}; only the first {LOGGED_CHANGES} are logged one by one"
+            );
         }
     }
 
