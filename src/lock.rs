@@ -6,7 +6,7 @@
 //! a stale lock behind.
 
 use std::fs::File;
-use std::io::{Read, Seek, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -42,16 +42,24 @@ pub fn acquire(state_dir: &Path) -> Result<StateLock, LockError> {
         dir: state_dir.to_path_buf(),
         source,
     };
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
-        .open(&path)
-        .map_err(io)?;
-    let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+    // The lock is held through a read-only descriptor: a descriptor open
+    // for writing for the agent's lifetime would keep the state dir's file
+    // system from being remounted read-only. The pid is written through a
+    // short-lived one once the lock is ours.
+    let open = |write: bool| {
+        std::fs::OpenOptions::new()
+            .read(!write)
+            .write(write)
+            .create(write)
+            .truncate(write)
+            .mode(0o644)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .open(&path)
+    };
+    if !path.exists() {
+        drop(open(true).map_err(io)?);
+    }
+    let file = match Flock::lock(open(false).map_err(io)?, FlockArg::LockExclusiveNonblock) {
         Ok(locked) => locked,
         Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
             let mut pid = String::new();
@@ -69,9 +77,8 @@ pub fn acquire(state_dir: &Path) -> Result<StateLock, LockError> {
         Err((_, errno)) => return Err(io(std::io::Error::from(errno))),
     };
     // Ours now: record who holds it.
-    file.set_len(0).map_err(io)?;
-    file.rewind().map_err(io)?;
-    writeln!(file, "{}", std::process::id()).map_err(io)?;
+    let mut record = open(true).map_err(io)?;
+    writeln!(record, "{}", std::process::id()).map_err(io)?;
     Ok(StateLock { _file: file })
 }
 
