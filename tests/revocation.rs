@@ -218,3 +218,100 @@ async fn the_revoked_file_is_never_missing_or_torn_across_crashes() {
     .await;
     agent.stop(Duration::from_secs(5));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_an_earlier_config_wrote_is_cleared_at_the_next_start() {
+    let cp = control_plane().await;
+    let [alice, bob, _] = fixture_keys();
+    let env = TestEnv::new();
+    env.write_config(&env.config_for(&cp.url(), "", ""));
+    let (env, out) = blocking(move || {
+        let out = env.run_once();
+        (env, out)
+    })
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let old = env.target();
+    assert!(std::fs::read_to_string(&old).unwrap().contains(alice));
+    // While the agent is stopped, the user's file moves elsewhere.
+    let new = env.path().join("elsewhere/.ssh/authorized_keys");
+    let text = env
+        .config_for(&cp.url(), "", "")
+        .replace(&old.display().to_string(), &new.display().to_string());
+    env.write_config(&text);
+    let (env, out) = blocking(move || {
+        let out = env.run_once();
+        (env, out)
+    })
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let old_content = std::fs::read_to_string(&old).unwrap_or_default();
+    assert!(
+        !old_content.contains(alice) && !old_content.contains(bob),
+        "the old target still grants the keys:\n{old_content}"
+    );
+    assert!(std::fs::read_to_string(&new).unwrap().contains(alice));
+    drop(env);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cache_that_cannot_be_rewritten_never_keeps_a_removed_key_in_the_home_file() {
+    if !support::agent::require_root(
+        "a_cache_that_cannot_be_rewritten_never_keeps_a_removed_key_in_the_home_file",
+    ) {
+        return;
+    }
+    let cp = control_plane().await;
+    let [alice, bob, _] = fixture_keys();
+    let env = TestEnv::new();
+    env.write_config(&env.config_for(&cp.url(), "", ""));
+    let (env, out) = blocking(move || {
+        let out = env.run_once();
+        (env, out)
+    })
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The cache directory can no longer be written (as a full or broken
+    // state dir would be), then alice is deleted on the account.
+    let users = env.state_dir().join("users");
+    let chattr = |flag: &str| {
+        let ok = std::process::Command::new("chattr")
+            .args([flag, users.to_str().unwrap()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "chattr {flag}");
+    };
+    chattr("+i");
+    assert!(cp.remove_key(alice));
+    let (env, out) = blocking(move || {
+        let out = env.run_once();
+        (env, out)
+    })
+    .await;
+    chattr("-i");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the cache failure is reported: {stderr}"
+    );
+    let home = env.read_target().unwrap();
+    assert!(
+        !home.contains(alice),
+        "the home file still grants the deleted key:\n{home}\n{stderr}"
+    );
+    assert!(home.contains(bob));
+}

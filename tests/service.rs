@@ -362,16 +362,19 @@ async fn stale_socket_is_replaced_and_a_live_one_is_not() {
             & 0o777;
         assert_eq!(mode, 0o660);
 
-        // A third agent must not steal the socket of the live second one.
+        // A third agent must not steal the socket of the live second one:
+        // on the same state dir it stops at the lock (DESIGN.md §4: exit 2,
+        // naming the running agent).
         let third = Command::new(bin())
             .args(["run", "--config", env.config_path().to_str().unwrap()])
             .env("KEYSYNC_TEST_API_KEY", "test-token")
             .env_remove("NOTIFY_SOCKET")
             .output()
             .expect("third agent");
-        assert_eq!(third.status.code(), Some(1), "{third:?}");
+        assert_eq!(third.status.code(), Some(2), "{third:?}");
         assert!(
-            String::from_utf8_lossy(&third.stderr).contains("another agent"),
+            String::from_utf8_lossy(&third.stderr)
+                .contains(&format!("another keysync agent (pid {})", second.pid())),
             "{third:?}"
         );
         assert!(second.alive());

@@ -73,8 +73,8 @@ async fn start(settings: Settings, notifier: Notifier) -> anyhow::Result<Daemon>
 
     let syncer = tokio::task::spawn_blocking({
         let settings = settings.clone();
-        let metrics = board.metrics.clone();
-        move || Syncer::new(settings, metrics)
+        let board = board.clone();
+        move || Syncer::new(settings, board)
     })
     .await?;
     tracker.spawn({
@@ -147,7 +147,7 @@ pub async fn run_once(settings: Settings) -> bool {
     let board = Board::new();
     let policy = settings.policy.keys.clone();
     let confirm_delay = settings.policy.confirm_delay;
-    let mut syncer = Syncer::new(settings.clone(), board.metrics.clone());
+    let mut syncer = Syncer::new(settings.clone(), board.clone());
     let mut sources: BTreeMap<String, Box<dyn KeySource>> = BTreeMap::new();
     let mut all_ok = true;
     for (name, src) in &settings.sources {

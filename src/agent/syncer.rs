@@ -11,10 +11,11 @@ use std::time::{Instant, SystemTime};
 use super::projection::{AttemptLog, project};
 use super::report::{FetchReport, Fetched, Report};
 use super::revoke::Revocation;
+use crate::board::Board;
 use crate::config::{Settings, UserSettings, WriteMode};
 use crate::engine::{Engine, Plan};
 use crate::keys::{self, KeySet, Policy};
-use crate::metrics::{FetchLabels, Metrics, SourceLabels, UserLabels};
+use crate::metrics::{FetchLabels, SourceLabels, UserLabels};
 use crate::render;
 use crate::state::{LastGood, StateDir};
 use crate::status::{Status, unix_now};
@@ -56,7 +57,8 @@ pub(crate) struct Syncer {
     engine: Engine,
     state: StateDir,
     log: AttemptLog,
-    metrics: std::sync::Arc<Metrics>,
+    /// Where the status projection is published (and the metrics counted).
+    board: Board,
     revocation: Revocation,
     /// What was written for each user (`written.json`).
     written: super::reconcile::Record,
@@ -64,7 +66,7 @@ pub(crate) struct Syncer {
 
 impl Syncer {
     /// Restores persisted last good answers and what each user holds.
-    pub(crate) fn new(settings: Settings, metrics: std::sync::Arc<Metrics>) -> Self {
+    pub(crate) fn new(settings: Settings, board: Board) -> Self {
         let state = StateDir::new(&settings.state_dir);
         if let Err(e) = state.ensure() {
             tracing::error!(path = %settings.state_dir.display(), error = %e, "cannot create state_dir {}: {e}", settings.state_dir.display());
@@ -75,7 +77,7 @@ impl Syncer {
             written: Default::default(),
             state,
             log: AttemptLog::default(),
-            metrics,
+            board,
             settings,
         };
         syncer.restore();
@@ -209,15 +211,23 @@ impl Syncer {
             }
         }
         self.config_loaded(None);
+        self.publish();
     }
 
     /// Records a failed reload: the running config stays.
     pub(crate) fn reload_failed(&mut self, error: String) {
         self.config_loaded(Some(error));
+        self.publish();
     }
 
     /// Takes in a report; returns the users whose keys may have changed.
     pub(crate) fn on_report(&mut self, report: &Report, now: Instant) -> Vec<String> {
+        let users = self.take_report(report, now);
+        self.publish();
+        users
+    }
+
+    fn take_report(&mut self, report: &Report, now: Instant) -> Vec<String> {
         match report {
             Report::Fetched(fetch) => self.on_fetch(fetch, now),
             Report::Stream { source, connected } => {
@@ -237,11 +247,13 @@ impl Syncer {
         let labels = SourceLabels {
             source: name.clone(),
         };
-        self.metrics
+        self.board
+            .metrics
             .fetch_duration
             .get_or_create(&labels)
             .observe(report.took.as_secs_f64());
-        self.metrics
+        self.board
+            .metrics
             .fetch_total
             .get_or_create(&FetchLabels {
                 source: name.clone(),
@@ -349,7 +361,15 @@ impl Syncer {
         if wrote {
             self.settle_revocations();
         }
+        // Published as soon as the files are written, so a reader that
+        // sees the files also sees the status that goes with them.
+        self.publish();
         outcome
+    }
+
+    /// Publishes the status projection on the board.
+    pub(crate) fn publish(&self) {
+        self.board.publish(self.status());
     }
 
     /// Revokes what no source grants and no user holds any more.
@@ -433,7 +453,8 @@ impl Syncer {
         self.log_changes(name, keys);
         self.engine.written(name, keys.clone());
         if wrote_any {
-            self.metrics
+            self.board
+                .metrics
                 .writes_total
                 .get_or_create(&UserLabels { user: name.clone() })
                 .inc();
@@ -541,7 +562,8 @@ impl Syncer {
 
     /// Records a drift repair (another writer changed the file).
     pub(crate) fn count_drift_repair(&mut self, user: &str) {
-        self.metrics
+        self.board
+            .metrics
             .drift_repairs_total
             .get_or_create(&UserLabels {
                 user: user.to_string(),

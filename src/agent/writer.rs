@@ -222,7 +222,7 @@ impl Writer {
 
     /// Publishes the status projection; READY=1 once every source answered.
     fn publish(&mut self) {
-        self.ctx.board.publish(self.syncer.status());
+        self.syncer.publish();
         let summary = self.ctx.board.snapshot().summary;
         if self.pending_first.is_empty() {
             self.ctx.notifier.ready(&summary);
