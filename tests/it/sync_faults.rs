@@ -5,15 +5,13 @@
 //! follows the next change, and `run --once` exits 1 under each. Also the
 //! request headers and the conditional GET (304 keeps the file).
 
-mod support;
-
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use support::agent::{Agent, TestEnv, block_keys, blocking, eventually};
-use support::fake_cp::{Endpoint, FakeControlPlane, Fault, gen_ed25519_keys};
+use crate::support::agent::{Agent, TestEnv, block_keys, blocking, eventually};
+use crate::support::fake_cp::{Endpoint, FakeControlPlane, Fault, gen_ed25519_keys};
 
 /// Generous deadline for "eventually" conditions on a loaded 2-core machine.
 const DEADLINE: Duration = Duration::from_secs(20);

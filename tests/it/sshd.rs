@@ -15,16 +15,14 @@
 //! Needs root (useradd, sshd, the agent's fsuid switch). Without root the
 //! tests say so loudly and pass, except under CI=true, where they fail.
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use support::agent::{TestEnv, bin, block_keys, eventually, is_root};
-use support::fake_cp::FakeControlPlane;
+use crate::support::agent::{TestEnv, bin, block_keys, eventually, is_root};
+use crate::support::fake_cp::FakeControlPlane;
 
 const SSHD: &str = "/usr/sbin/sshd";
 

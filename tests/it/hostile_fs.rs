@@ -19,8 +19,6 @@
 //!
 //! Needs root (useradd, chown, setfsuid).
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -31,11 +29,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::agent::{TestEnv, bin, block_keys, blocking, eventually, require_root};
+use crate::support::fake_cp::{FakeControlPlane, gen_ed25519_keys};
+use crate::support::users::TestUser;
 use keysync::write::{self, FileSpec, Outcome, WriteError};
 use nix::unistd::{Gid, Uid};
-use support::agent::{TestEnv, bin, block_keys, blocking, eventually, require_root};
-use support::fake_cp::{FakeControlPlane, gen_ed25519_keys};
-use support::users::TestUser;
 
 /// Generous deadline for "eventually" conditions on a loaded 2-core machine.
 const DEADLINE: Duration = Duration::from_secs(20);

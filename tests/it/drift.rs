@@ -5,16 +5,13 @@
 //! can be what repairs. And with nothing changing, nothing is written: the
 //! agent's own writes do not start a loop.
 
-mod service_support;
-mod support;
-
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use service_support::*;
-use support::agent::{TestEnv, block_keys, eventually};
-use support::fake_cp::{FakeControlPlane, fixture_keys, gen_ed25519_keys};
+use crate::support::agent::{TestEnv, block_keys, eventually};
+use crate::support::fake_cp::{FakeControlPlane, fixture_keys, gen_ed25519_keys};
+use crate::support::service::*;
 
 /// The lines of `content` outside the managed block, in order.
 fn outside_block(content: &str) -> Vec<&str> {

@@ -6,16 +6,13 @@
 //! the container mode. Drift repair and config reload are in tests/drift.rs
 //! and tests/reload.rs; the helpers they share are in tests/service_support/mod.rs.
 
-mod service_support;
-mod support;
-
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use service_support::*;
-use support::agent::{TestEnv, bin, block_keys, eventually};
-use support::fake_cp::{FakeControlPlane, Fault, fixture_keys};
+use crate::support::agent::{TestEnv, bin, block_keys, eventually};
+use crate::support::fake_cp::{FakeControlPlane, Fault, fixture_keys};
+use crate::support::service::*;
 
 /// Everything on the socket, before and after the first good answer; and
 /// nothing anywhere shows the API key.

@@ -2,15 +2,12 @@
 //! `config.d/` that appears after start adds a user; SIGHUP reloads; a
 //! broken edit is reported in /status and the running config stays.
 
-mod service_support;
-mod support;
-
 use std::time::Duration;
 
+use crate::support::agent::{TestEnv, block_keys, eventually};
+use crate::support::fake_cp::{FakeControlPlane, fixture_keys, gen_ed25519_keys};
+use crate::support::service::*;
 use nix::sys::signal::Signal;
-use service_support::*;
-use support::agent::{TestEnv, block_keys, eventually};
-use support::fake_cp::{FakeControlPlane, fixture_keys, gen_ed25519_keys};
 
 /// A user that exists on every Debian-like system (base-passwd).
 const SECOND_USER: &str = "daemon";

@@ -9,8 +9,6 @@
 //! carries keys that would change the file were it believed; the file, the
 //! hook cache and the agent's memory stay as they were.
 
-mod support;
-
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;
@@ -20,8 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use support::agent::{TestEnv, bin, block_keys, blocking, eventually};
-use support::fake_cp::{FakeControlPlane, gen_ed25519_keys};
+use crate::support::agent::{TestEnv, bin, block_keys, blocking, eventually};
+use crate::support::fake_cp::{FakeControlPlane, gen_ed25519_keys};
 
 /// Generous deadline for "eventually" conditions on a loaded 2-core machine.
 const DEADLINE: Duration = Duration::from_secs(20);

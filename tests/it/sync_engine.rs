@@ -8,8 +8,6 @@
 //! from the state dir with the API down; SIGTERM/SIGINT stop cleanly.
 //! Failure answers of the control plane are in tests/sync_faults.rs.
 
-mod support;
-
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -18,10 +16,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::support::agent::{Agent, TestEnv, bin, block_keys, blocking, eventually, require_root};
+use crate::support::fake_cp::{
+    Endpoint, FakeControlPlane, Fault, Shape, fixture_keys, gen_ed25519_keys,
+};
+use crate::support::users::TestUser;
 use nix::sys::signal::Signal;
-use support::agent::{Agent, TestEnv, bin, block_keys, blocking, eventually, require_root};
-use support::fake_cp::{Endpoint, FakeControlPlane, Fault, Shape, fixture_keys, gen_ed25519_keys};
-use support::users::TestUser;
 
 /// Generous deadline for "eventually" conditions on a loaded 2-core machine.
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -714,7 +714,10 @@ fn dss_line() -> String {
     ]);
     put(&[0x4b; 128]);
     put(&[0x2d; 128]);
-    format!("ssh-dss {} dsa@old", support::fake_cp::base64_encode(&blob))
+    format!(
+        "ssh-dss {} dsa@old",
+        crate::support::fake_cp::base64_encode(&blob)
+    )
 }
 
 /// The base64 blob of a key line (the second field), or of the line itself.

@@ -7,16 +7,14 @@
 //! passes for `%f`, so the filter is checked against OpenSSH, not against
 //! the crate the hook itself uses.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use support::agent::{TestEnv, bin, eventually};
-use support::fake_cp::{FakeControlPlane, fixture_keys, gen_ed25519_keys};
+use crate::support::agent::{TestEnv, bin, eventually};
+use crate::support::fake_cp::{FakeControlPlane, fixture_keys, gen_ed25519_keys};
 
 /// Runs the real binary as sshd would: no stdin, stdout and stderr captured.
 fn hook(args: &[&str]) -> Output {

@@ -1,10 +1,8 @@
 //! The shortest end-to-end path: the fake control plane's list lands in
 //! the managed block through `keysync run --once`.
 
-mod support;
-
-use support::agent::{TestEnv, block_keys};
-use support::fake_cp::{FakeControlPlane, fixture_keys};
+use crate::support::agent::{TestEnv, block_keys};
+use crate::support::fake_cp::{FakeControlPlane, fixture_keys};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn run_once_writes_the_fixture_list() {

@@ -5,9 +5,7 @@
 //! the .deb/.rpm themselves is `.ci/packaging`'s job (it needs root, a
 //! Debian root file system and the packaging tools).
 
-mod support;
-
-#[path = "../examples/gen-assets/assets.rs"]
+#[path = "../../examples/gen-assets/assets.rs"]
 mod assets;
 
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -15,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use support::agent::{TestEnv, bin, block_keys, eventually, is_root};
-use support::fake_cp::{FakeControlPlane, fixture_keys};
+use crate::support::agent::{TestEnv, bin, block_keys, eventually, is_root};
+use crate::support::fake_cp::{FakeControlPlane, fixture_keys};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 

@@ -9,15 +9,13 @@
 //! converges, and `.keysync.*` leftovers of the kills are gone after the next
 //! start, even when that start has nothing to write.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use support::agent::{Agent, TestEnv, blocking, eventually};
-use support::fake_cp::{FakeControlPlane, gen_ed25519_keys};
+use crate::support::agent::{Agent, TestEnv, blocking, eventually};
+use crate::support::fake_cp::{FakeControlPlane, gen_ed25519_keys};
 
 /// Generous deadline for "eventually" conditions on a loaded 2-core machine.
 const DEADLINE: Duration = Duration::from_secs(20);

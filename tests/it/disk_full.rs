@@ -8,8 +8,6 @@
 //! restart without network cannot resurrect a key revoked meanwhile), and
 //! the agent is ready again. Needs root (mount).
 
-mod support;
-
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
@@ -17,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use support::agent::{Agent, TestEnv, bin, block_keys, blocking, eventually, require_root};
-use support::fake_cp::{FakeControlPlane, gen_ed25519_keys};
+use crate::support::agent::{Agent, TestEnv, bin, block_keys, blocking, eventually, require_root};
+use crate::support::fake_cp::{FakeControlPlane, gen_ed25519_keys};
 
 /// Generous deadline for "eventually" conditions on a loaded 2-core machine.
 const DEADLINE: Duration = Duration::from_secs(20);

@@ -13,8 +13,6 @@
 //! Latencies are printed (`cargo test --test sources -- --nocapture`), never
 //! asserted beyond generous "eventually" deadlines.
 
-mod support;
-
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -22,8 +20,8 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::agent::{TestEnv, bin, block_keys, eventually};
-use support::fake_cp::{fixture_keys, gen_ed25519_keys};
+use crate::support::agent::{TestEnv, bin, block_keys, eventually};
+use crate::support::fake_cp::{fixture_keys, gen_ed25519_keys};
 
 const WAIT: Duration = Duration::from_secs(15);
 

@@ -7,14 +7,12 @@
 //! the stream being down. Timings are only ever "eventually" conditions with
 //! generous deadlines; measured latencies are printed, never asserted.
 
-mod support;
-
 use std::io::{Read, Write};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::agent::{Agent, TestEnv, bin, block_keys, eventually};
-use support::fake_cp::{
+use crate::support::agent::{Agent, TestEnv, bin, block_keys, eventually};
+use crate::support::fake_cp::{
     Endpoint, FakeControlPlane, Fault, RequestRecord, fixture_keys, gen_ed25519_keys,
 };
 
