@@ -8,15 +8,15 @@
 //! restart without network cannot resurrect a key revoked meanwhile), and
 //! the agent is ready again. Needs root (mount).
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use crate::support::agent::{Agent, TestEnv, bin, block_keys, blocking, eventually, require_root};
 use crate::support::fake_cp::{FakeControlPlane, gen_ed25519_keys};
+use crate::support::http;
 
 /// Generous deadline for "eventually" conditions on a loaded 2-core machine.
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -123,14 +123,7 @@ fn status_json(env: &TestEnv) -> serde_json::Value {
 
 /// The status code of `GET /readyz` on the health socket.
 fn readyz(env: &TestEnv) -> Option<u16> {
-    let mut stream = UnixStream::connect(env.socket()).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    stream
-        .write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut answer = String::new();
-    let _ = stream.read_to_string(&mut answer);
-    answer.split(' ').nth(1)?.parse().ok()
+    http::readyz(&env.socket())
 }
 
 fn sorted(keys: &[String]) -> Vec<String> {

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::agent::{TestEnv, block_keys, eventually};
 use crate::support::fake_cp::{FakeControlPlane, fixture_keys, gen_ed25519_keys};
+use crate::support::http;
 use crate::support::service::*;
 
 /// The lines of `content` outside the managed block, in order.
@@ -49,10 +50,7 @@ fn drift_repairs(env: &TestEnv) -> u64 {
 }
 
 fn metric(env: &TestEnv, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let text = http_get(&env.socket(), "/metrics", None).body;
-    parse_exposition(&text, Format::Prometheus)
-        .expect("metrics")
-        .value(name, labels)
+    http::metrics(&env.socket()).value(name, labels)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use crate::support::agent::{TestEnv, bin, block_keys, eventually};
 use crate::support::fake_cp::{FakeControlPlane, Fault, fixture_keys};
+use crate::support::http::{self, healthz};
+use crate::support::metrics::{Format, parse_exposition};
+use crate::support::notify::{NotifyInbox, is_ping};
 use crate::support::service::*;
 
 /// Everything on the socket, before and after the first good answer; and
@@ -46,14 +49,14 @@ async fn health_socket_endpoints_and_status_command() {
         assert_eq!(mode, 0o660, "health socket mode {mode:o}");
 
         // Alive, not ready: the reason names the source.
-        assert_eq!(http_get(&socket, "/healthz", None).status, 200);
+        assert_eq!(http::get(&socket, "/healthz").status, 200);
         assert!(
             eventually(Duration::from_secs(10), || {
                 status_json(&env)["sources"]["account"]["last_error"].is_string()
             }),
             "no failed attempt recorded"
         );
-        let readyz = http_get(&socket, "/readyz", None);
+        let readyz = http::get(&socket, "/readyz");
         assert_eq!(readyz.status, 503, "{}", readyz.body);
         assert!(
             readyz.body.contains("account"),
@@ -85,10 +88,8 @@ async fn health_socket_endpoints_and_status_command() {
         // The control plane recovers: ready.
         cp.clear_fault();
         assert!(
-            eventually(Duration::from_secs(15), || http_get(
-                &socket, "/readyz", None
-            )
-            .status
+            eventually(Duration::from_secs(15), || http::get(&socket, "/readyz")
+                .status
                 == 200),
             "never ready; log:\n{}",
             agent.log_text()
@@ -114,7 +115,7 @@ async fn health_socket_endpoints_and_status_command() {
 
         // /status, fetched both raw and through `keysync status --json`.
         let [alice, bob, _] = fixture_keys();
-        let raw = http_get(&socket, "/status", None);
+        let raw = http::get(&socket, "/status");
         assert_eq!(raw.status, 200);
         assert!(
             raw.header("content-type")
@@ -187,14 +188,14 @@ async fn health_socket_endpoints_and_status_command() {
         }
 
         // /metrics in both formats, parsed strictly.
-        let prom = http_get(&socket, "/metrics", None);
+        let prom = http::get(&socket, "/metrics");
         assert_eq!(prom.status, 200);
         assert_eq!(
             prom.header("content-type"),
             Some("text/plain; version=0.0.4; charset=utf-8")
         );
         let prom = parse_exposition(&prom.body, Format::Prometheus).expect("Prometheus text");
-        let om = http_get(
+        let om = http::get_accepting(
             &socket,
             "/metrics",
             Some("application/openmetrics-text; version=1.0.0"),
@@ -283,9 +284,9 @@ async fn health_socket_endpoints_and_status_command() {
             .expect("check-config");
         assert!(check_config.status.success(), "{check_config:?}");
         let outputs = [
-            ("/status", http_get(&socket, "/status", None).body),
-            ("/metrics", http_get(&socket, "/metrics", None).body),
-            ("/readyz", http_get(&socket, "/readyz", None).body),
+            ("/status", http::get(&socket, "/status").body),
+            ("/metrics", http::get(&socket, "/metrics").body),
+            ("/readyz", http::get(&socket, "/readyz").body),
             (
                 "keysync status",
                 String::from_utf8_lossy(&human_status(&env).stdout).into_owned(),
@@ -320,6 +321,32 @@ async fn health_socket_endpoints_and_status_command() {
         let (status, _) = agent.stop(Duration::from_secs(10));
         assert!(status.success(), "{status:?}");
         assert!(!socket.exists(), "the socket is removed at a clean stop");
+        cp
+    })
+    .await;
+    drop(cp);
+}
+
+/// The health socket only reads: a POST to any endpoint is refused with
+/// 405 and `Allow: GET,HEAD`, and the agent goes on as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn health_socket_refuses_writes() {
+    let cp = FakeControlPlane::start().await;
+    cp.set_token(Some("test-token"));
+    cp.load_fixture();
+    let cp = blocking(move || {
+        let env = TestEnv::new();
+        env.write_config(&config_text(&env, &cp.url(), "60s", "2s", ""));
+        let mut agent = env.spawn();
+        let socket = env.socket();
+        assert!(eventually(Duration::from_secs(10), || healthz(&socket) == Some(200)));
+        for path in ["/healthz", "/readyz", "/status", "/metrics"] {
+            let answer = http::post(&socket, path, "ready=1\n");
+            assert_eq!(answer.status, 405, "POST {path}: {answer:?}");
+            assert_eq!(answer.header("allow"), Some("GET,HEAD"), "POST {path}");
+        }
+        assert!(agent.alive());
+        assert_eq!(healthz(&socket), Some(200));
         cp
     })
     .await;
@@ -494,7 +521,7 @@ async fn ready_even_when_the_control_plane_never_answers() {
             "{}",
             agent.log_text()
         );
-        let readyz = http_get(&env.socket(), "/readyz", None);
+        let readyz = http::get(&env.socket(), "/readyz");
         assert_eq!(readyz.status, 503);
         assert!(readyz.body.contains("account"), "{}", readyz.body);
         assert!(

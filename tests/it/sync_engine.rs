@@ -8,7 +8,6 @@
 //! from the state dir with the API down; SIGTERM/SIGINT stop cleanly.
 //! Failure answers of the control plane are in tests/sync_faults.rs.
 
-use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,6 +19,7 @@ use crate::support::agent::{Agent, TestEnv, bin, block_keys, blocking, eventuall
 use crate::support::fake_cp::{
     Endpoint, FakeControlPlane, Fault, Shape, fixture_keys, gen_ed25519_keys,
 };
+use crate::support::http;
 use crate::support::users::TestUser;
 use nix::sys::signal::Signal;
 
@@ -114,17 +114,14 @@ fn status_json(env: &TestEnv) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("status JSON")
 }
 
-/// The list body as the fake serves it right now (raw HTTP/1.1 GET).
+/// The list body as the fake serves it right now.
 fn served_body(cp: &FakeControlPlane) -> String {
-    let mut stream = std::net::TcpStream::connect(cp.addr()).expect("connect to the fake");
-    write!(
-        stream,
-        "GET /api/v0/ssh/ HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer test-token\r\nConnection: close\r\n\r\n"
+    http::get_tcp(
+        cp.addr(),
+        "/api/v0/ssh/",
+        &[("authorization", "Bearer test-token")],
     )
-    .expect("send");
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).expect("read");
-    answer
+    .body
 }
 
 /// Every `.keysync.*` file below `dir` (the writer's temporary files).

@@ -5,13 +5,13 @@
 //! follows the next change, and `run --once` exits 1 under each. Also the
 //! request headers and the conditional GET (304 keeps the file).
 
-use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use crate::support::agent::{Agent, TestEnv, block_keys, blocking, eventually};
 use crate::support::fake_cp::{Endpoint, FakeControlPlane, Fault, gen_ed25519_keys};
+use crate::support::http;
 
 /// Generous deadline for "eventually" conditions on a loaded 2-core machine.
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -39,35 +39,15 @@ fn log_tail(log: &str) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
-/// `GET path` on the agent's health socket (HTTP/1.1 over a Unix socket).
-fn health_get(socket: &Path, path: &str) -> Option<String> {
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).ok()?;
-    Some(answer)
-}
-
-/// `keysync_fetch_total{source="account",result=<result>}` from /metrics.
+/// `keysync_fetch_total{source="account",result=<result>}` from /metrics,
+/// 0 while nothing answers or nothing was counted yet.
 fn fetch_count(env: &TestEnv, result: &str) -> u64 {
-    let Some(text) = health_get(&env.socket(), "/metrics") else {
-        return 0;
-    };
-    let wanted = format!("result=\"{result}\"");
-    text.lines()
-        .filter(|l| {
-            l.starts_with("keysync_fetch_total{")
-                && l.contains("source=\"account\"")
-                && l.contains(&wanted)
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
+    http::try_metric(
+        &env.socket(),
+        "keysync_fetch_total",
+        &[("source", "account"), ("result", result)],
+    )
+    .unwrap_or(0.0) as u64
 }
 
 /// Waits until the block holds exactly `want` (in order).

@@ -1,4 +1,7 @@
 pub mod agent;
 pub mod fake_cp;
+pub mod http;
+pub mod metrics;
+pub mod notify;
 pub mod service;
 pub mod users;
