@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::support::agent::{Agent, TestEnv, blocking, eventually};
+use crate::support::config::Config;
 use crate::support::fake_cp::{FakeControlPlane, gen_ed25519_keys};
 
 /// Generous deadline for "eventually" conditions on a loaded 2-core machine.
@@ -180,33 +181,13 @@ fn log_tail(log: &str) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
-fn config(env: &TestEnv, url: &str) -> String {
-    format!(
-        r#"state_dir = "{state}"
-health_socket = "{socket}"
-
-[sources.account]
-kind = "vast"
-url = "{url}"
-api_key_env = "KEYSYNC_TEST_API_KEY"
-interval = "50ms"
-jitter = "0s"
-timeout = "2s"
-max_backoff = "200ms"
-
-[[users]]
-name = "root"
-sources = ["account"]
-write = "block"
-path = "{target}"
-
-[policy]
-confirm_delay = "10ms"
-"#,
-        state = env.state_dir().display(),
-        socket = env.socket().display(),
-        target = env.target().display(),
-    )
+/// Fast polls, fast backoff and a short confirmation: many flips and many
+/// mass removals confirmed during the chaos.
+fn config(env: &TestEnv, url: &str) -> Config {
+    Config::vast(env, url)
+        .set("interval", "50ms")
+        .set("max_backoff", "200ms")
+        .policy("confirm_delay", "10ms")
 }
 
 /// The agent, quiet: at debug level 600 flips of 300 keys would log gigabytes.

@@ -15,6 +15,7 @@ use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use crate::support::agent::{Agent, TestEnv, bin, block_keys, blocking, eventually, require_root};
+use crate::support::config::{Config, User};
 use crate::support::fake_cp::{FakeControlPlane, gen_ed25519_keys};
 use crate::support::http;
 
@@ -180,33 +181,11 @@ async fn full_and_read_only_file_systems_keep_the_old_file_and_recover_without_r
         let target = home_fs.path.join(".ssh/authorized_keys");
         std::fs::create_dir_all(target.parent().expect("parent")).expect("mkdir .ssh");
         std::fs::write(&target, FOREIGN).expect("target");
-        env.write_config(&format!(
-            r#"state_dir = "{state}"
-health_socket = "{socket}"
-
-[sources.account]
-kind = "vast"
-url = "{url}"
-api_key_env = "KEYSYNC_TEST_API_KEY"
-interval = "200ms"
-jitter = "0s"
-timeout = "2s"
-max_backoff = "1s"
-
-[[users]]
-name = "root"
-sources = ["account"]
-write = "block"
-path = "{target}"
-
-[policy]
-confirm_delay = "300ms"
-"#,
-            state = state_dir.display(),
-            socket = env.socket().display(),
-            url = cp.url(),
-            target = target.display(),
-        ));
+        env.write_config(
+            Config::vast(&env, &cp.url())
+                .top("state_dir", state_dir.display().to_string())
+                .only_user(User::block("root", &target)),
+        );
         let mut agent = env.spawn_with(|cmd| {
             cmd.env("KEYSYNC_LOG", "info");
         });

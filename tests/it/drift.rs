@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::support::agent::{TestEnv, block_keys, eventually};
+use crate::support::config::Config;
 use crate::support::fake_cp::{FakeControlPlane, fixture_keys, gen_ed25519_keys};
 use crate::support::http;
 use crate::support::service::*;
@@ -62,7 +63,7 @@ async fn replaced_or_rewritten_file_gets_its_block_back() {
         let [alice, bob, _] = fixture_keys();
         let want = [alice, bob];
         let env = TestEnv::new();
-        env.write_config(&config_text(&env, &cp.url(), "60s", "2s", ""));
+        env.write_config(Config::vast(&env, &cp.url()).set("interval", "60s"));
         let agent = env.spawn();
         let target = env.target();
         assert!(
@@ -126,7 +127,7 @@ async fn nothing_changes_nothing_is_written() {
     let cp = blocking(move || {
         let [alice, bob, _] = fixture_keys();
         let env = TestEnv::new();
-        env.write_config(&config_text(&env, &cp.url(), "200ms", "2s", ""));
+        env.write_config(Config::vast(&env, &cp.url()));
         let agent = env.spawn();
         assert!(
             eventually(Duration::from_secs(10), || block_keys(

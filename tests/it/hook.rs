@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::support::agent::{TestEnv, bin, eventually};
+use crate::support::config::{Config, User};
 use crate::support::fake_cp::{FakeControlPlane, fixture_keys, gen_ed25519_keys};
 
 /// Runs the real binary as sshd would: no stdin, stdout and stderr captured.
@@ -82,33 +83,13 @@ fn openssh_fingerprint(dir: &Path, key_line: &str) -> String {
 
 /// Config for one vast source and the current user in `none` mode (only the
 /// cache is written), so the agent needs no root for it.
-fn none_mode_config(env: &TestEnv, url: &str, user: &str, options: Option<&str>) -> String {
-    let options = options
-        .map(|o| format!("options = \"{o}\"\n"))
-        .unwrap_or_default();
-    format!(
-        r#"state_dir = "{state}"
-health_socket = "{socket}"
-
-[sources.account]
-kind = "vast"
-url = "{url}"
-api_key_env = "KEYSYNC_TEST_API_KEY"
-interval = "200ms"
-jitter = "0s"
-timeout = "2s"
-
-[[users]]
-name = "{user}"
-sources = ["account"]
-write = "none"
-{options}
-[policy]
-confirm_delay = "300ms"
-"#,
-        state = env.state_dir().display(),
-        socket = env.socket().display(),
-    )
+fn none_mode_config(env: &TestEnv, url: &str, user: &str, options: Option<&str>) -> Config {
+    let user = User::new(user, "none");
+    let user = match options {
+        Some(o) => user.set("options", o),
+        None => user,
+    };
+    Config::vast(env, url).unset("max_backoff").only_user(user)
 }
 
 /// Syncs once through the real agent against a fake control plane serving
@@ -118,7 +99,7 @@ async fn synced_env(keys: Vec<String>, user: String, options: Option<&'static st
     cp.set_token(Some("test-token"));
     cp.set_keys(keys);
     let env = TestEnv::new();
-    env.write_config(&none_mode_config(&env, &cp.url(), &user, options));
+    env.write_config(none_mode_config(&env, &cp.url(), &user, options));
     // The binary blocks; keep it off the runtime that serves the fake.
     let (env, out) = tokio::task::spawn_blocking(move || {
         let out = env.run_once();

@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::support::agent::{TestEnv, bin, block_keys, blocking, eventually, require_root};
+use crate::support::config::{Config, User};
 use crate::support::fake_cp::{FakeControlPlane, gen_ed25519_keys};
 use crate::support::users::TestUser;
 use keysync::write::{self, FileSpec, Outcome, WriteError};
@@ -255,8 +256,13 @@ async fn zoo_of_hostile_homes_each_gets_its_defined_outcome_and_nothing_lands_el
         let victim = env.path().join("victim");
         std::fs::create_dir(&victim).expect("victim");
         chmod(&victim, 0o755);
-        std::fs::write(victim.join("passwd"), "root:x:0:0:root:/root:/bin/bash\n").expect("victim file");
-        std::fs::write(victim.join("authorized_keys"), "ssh-ed25519 AAAA root-only\n").expect("victim file");
+        std::fs::write(victim.join("passwd"), "root:x:0:0:root:/root:/bin/bash\n")
+            .expect("victim file");
+        std::fs::write(
+            victim.join("authorized_keys"),
+            "ssh-ed25519 AAAA root-only\n",
+        )
+        .expect("victim file");
         let nowhere = env.path().join("nowhere");
 
         let home = |tag: &str| homes.join(tag);
@@ -270,59 +276,107 @@ async fn zoo_of_hostile_homes_each_gets_its_defined_outcome_and_nothing_lands_el
 
         let u = TestUser::create("ks-zoo", home("good"), true);
         mkssh(&u, 0o700);
-        cases.push(Case { label: "ordinary", user: u, path: default_path.clone(), fails_with: None });
+        cases.push(Case {
+            label: "ordinary",
+            user: u,
+            path: default_path.clone(),
+            fails_with: None,
+        });
 
         let u = TestUser::create("ks-zoo", home("dangling"), true);
         mkssh(&u, 0o700);
         std::os::unix::fs::symlink(nowhere.join("authorized_keys"), u.keys()).expect("symlink");
         u.chown(&u.keys());
-        cases.push(Case { label: "dangling link at the file", user: u, path: default_path.clone(), fails_with: Some("symlink not owned by root") });
+        cases.push(Case {
+            label: "dangling link at the file",
+            user: u,
+            path: default_path.clone(),
+            fails_with: Some("symlink not owned by root"),
+        });
 
         let u = TestUser::create("ks-zoo", home("ssh-etc"), true);
         std::os::unix::fs::symlink("/etc", u.ssh()).expect("symlink");
         u.chown(&u.ssh());
-        cases.push(Case { label: ".ssh -> /etc", user: u, path: default_path.clone(), fails_with: Some("symlink not owned by root") });
+        cases.push(Case {
+            label: ".ssh -> /etc",
+            user: u,
+            path: default_path.clone(),
+            fails_with: Some("symlink not owned by root"),
+        });
 
         let u = TestUser::create("ks-zoo", home("passwd"), true);
         mkssh(&u, 0o700);
         std::os::unix::fs::symlink("/etc/passwd", u.keys()).expect("symlink");
         u.chown(&u.keys());
-        cases.push(Case { label: "authorized_keys -> /etc/passwd", user: u, path: default_path.clone(), fails_with: Some("symlink not owned by root") });
+        cases.push(Case {
+            label: "authorized_keys -> /etc/passwd",
+            user: u,
+            path: default_path.clone(),
+            fails_with: Some("symlink not owned by root"),
+        });
 
         let u = TestUser::create("ks-zoo", home("ssh-victim"), true);
         std::os::unix::fs::symlink(&victim, u.ssh()).expect("symlink");
         u.chown(&u.ssh());
-        cases.push(Case { label: ".ssh -> root's directory", user: u, path: default_path.clone(), fails_with: Some("symlink not owned by root") });
+        cases.push(Case {
+            label: ".ssh -> root's directory",
+            user: u,
+            path: default_path.clone(),
+            fails_with: Some("symlink not owned by root"),
+        });
 
         let u = TestUser::create("ks-zoo", home("fifo"), true);
         mkssh(&u, 0o700);
-        nix::unistd::mkfifo(&u.keys(), nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+        nix::unistd::mkfifo(&u.keys(), nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .expect("mkfifo");
         u.chown(&u.keys());
-        cases.push(Case { label: "FIFO at the file", user: u, path: default_path.clone(), fails_with: Some("not a regular file") });
+        cases.push(Case {
+            label: "FIFO at the file",
+            user: u,
+            path: default_path.clone(),
+            fails_with: Some("not a regular file"),
+        });
 
         let u = TestUser::create("ks-zoo", home("dir"), true);
         mkssh(&u, 0o700);
         std::fs::create_dir(u.keys()).expect("dir at the file");
         u.chown(&u.keys());
-        cases.push(Case { label: "directory at the file", user: u, path: default_path.clone(), fails_with: Some("not a regular file") });
+        cases.push(Case {
+            label: "directory at the file",
+            user: u,
+            path: default_path.clone(),
+            fails_with: Some("not a regular file"),
+        });
 
         let u = TestUser::create("ks-zoo", home("ssh000"), true);
         mkssh(&u, 0o000);
-        cases.push(Case { label: ".ssh mode 000", user: u, path: default_path.clone(), fails_with: Some("Permission denied") });
+        cases.push(Case {
+            label: ".ssh mode 000",
+            user: u,
+            path: default_path.clone(),
+            fails_with: Some("Permission denied"),
+        });
 
         let u = TestUser::create("ks-zoo", home("file000"), true);
         mkssh(&u, 0o700);
         std::fs::write(u.keys(), "ssh-ed25519 AAAA the-users-own-line\n").expect("file");
         chmod(&u.keys(), 0o000);
         u.chown(&u.keys());
-        cases.push(Case { label: "authorized_keys mode 000", user: u, path: default_path.clone(), fails_with: Some("Permission denied") });
+        cases.push(Case {
+            label: "authorized_keys mode 000",
+            user: u,
+            path: default_path.clone(),
+            fails_with: Some("Permission denied"),
+        });
 
         // useradd refuses a newline in the home (shadow's VALID()), so the
         // newline goes into the target's directory below the home.
         let nl_name = format!("ks-zoo-nl-{:08x}", fastrand::u32(..));
         let refused = Command::new("useradd")
             .args(["-M", "-d"])
-            .arg(OsStr::from_bytes(format!("{}/new\nline", homes.display()).as_bytes()))
+            .arg(OsStr::from_bytes(
+                format!("{}/new\nline", homes.display()).as_bytes(),
+            ))
             .arg(&nl_name)
             .output()
             .expect("useradd");
@@ -331,34 +385,47 @@ async fn zoo_of_hostile_homes_each_gets_its_defined_outcome_and_nothing_lands_el
             panic!("useradd accepted a newline in a home; extend the test to use it");
         }
         let u = TestUser::create("ks-zoo", home("newline"), true);
-        cases.push(Case { label: "newline in the directory name", user: u, path: "~/new\nline/authorized_keys".into(), fails_with: None });
+        cases.push(Case {
+            label: "newline in the directory name",
+            user: u,
+            path: "~/new\nline/authorized_keys".into(),
+            fails_with: None,
+        });
 
         let u = TestUser::create("ks-zoo", home("missing"), false);
-        cases.push(Case { label: "home does not exist", user: u, path: default_path.clone(), fails_with: Some("No such file or directory") });
+        cases.push(Case {
+            label: "home does not exist",
+            user: u,
+            path: default_path.clone(),
+            fails_with: Some("No such file or directory"),
+        });
 
         let u = TestUser::create("ks-zoo", home("foreign-home"), true);
         let owner = &cases[0].user;
         lchown(&u.home, owner.uid, owner.gid);
         chmod(&u.home, 0o755);
-        cases.push(Case { label: "home owned by another user", user: u, path: default_path.clone(), fails_with: Some("Permission denied") });
+        cases.push(Case {
+            label: "home owned by another user",
+            user: u,
+            path: default_path.clone(),
+            fails_with: Some("Permission denied"),
+        });
 
-        let users: String = cases
+        let config = cases
             .iter()
-            .map(|c| {
-                format!(
-                    "\n[[users]]\nname = \"{}\"\nsources = [\"account\"]\nwrite = \"block\"\npath = {}\n",
-                    c.user.name,
-                    serde_json::to_string(&c.path).expect("toml string")
-                )
-            })
-            .collect();
-        env.write_config(&env.config_for(&cp.url(), "", &users));
+            .fold(Config::vast(&env, &cp.url()), |config, c| {
+                config.user(User::block(&c.user.name, &c.path))
+            });
+        env.write_config(config);
 
         // Everything a write could touch, except where writes belong: the
         // ordinary user's .ssh, and the newline directory (whose creation
         // changes its home's mtime).
         let nl = &cases[9];
-        let writable = [cases[0].user.ssh(), nl.target().parent().expect("parent").to_path_buf()];
+        let writable = [
+            cases[0].user.ssh(),
+            nl.target().parent().expect("parent").to_path_buf(),
+        ];
         let nl_home = nl.user.home.clone();
         let snap_homes = || {
             let mut s = snapshot(&homes, &writable);
@@ -374,32 +441,75 @@ async fn zoo_of_hostile_homes_each_gets_its_defined_outcome_and_nothing_lands_el
                 let target = case.target();
                 match case.fails_with {
                     None => {
-                        let text = std::fs::read_to_string(&target).unwrap_or_else(|e| panic!("{what}: {}: {e}", case.label));
-                        assert_eq!(sorted(&block_keys(&text)), sorted(want), "{what}: {}", case.label);
+                        let text = std::fs::read_to_string(&target)
+                            .unwrap_or_else(|e| panic!("{what}: {}: {e}", case.label));
+                        assert_eq!(
+                            sorted(&block_keys(&text)),
+                            sorted(want),
+                            "{what}: {}",
+                            case.label
+                        );
                         let meta = std::fs::metadata(&target).expect("meta");
-                        assert_eq!((meta.uid(), meta.mode() & 0o7777), (case.user.uid, 0o600), "{what}: {}", case.label);
+                        assert_eq!(
+                            (meta.uid(), meta.mode() & 0o7777),
+                            (case.user.uid, 0o600),
+                            "{what}: {}",
+                            case.label
+                        );
                         let dir = std::fs::metadata(target.parent().expect("dir")).expect("meta");
-                        assert_eq!((dir.uid(), dir.mode() & 0o7777), (case.user.uid, 0o700), "{what}: {}", case.label);
+                        assert_eq!(
+                            (dir.uid(), dir.mode() & 0o7777),
+                            (case.user.uid, 0o700),
+                            "{what}: {}",
+                            case.label
+                        );
                         if let Some(s) = status {
-                            assert!(s["users"][&case.user.name]["last_error"].is_null(), "{what}: {} failed: {s:#}", case.label);
+                            assert!(
+                                s["users"][&case.user.name]["last_error"].is_null(),
+                                "{what}: {} failed: {s:#}",
+                                case.label
+                            );
                         }
                     }
                     Some(cause) => {
                         if let Some(s) = status {
-                            let error = s["users"][&case.user.name]["last_error"].as_str().unwrap_or_default();
-                            assert!(error.contains(cause), "{what}: {}: expected {cause:?}, got {error:?}", case.label);
+                            let error = s["users"][&case.user.name]["last_error"]
+                                .as_str()
+                                .unwrap_or_default();
+                            assert!(
+                                error.contains(cause),
+                                "{what}: {}: expected {cause:?}, got {error:?}",
+                                case.label
+                            );
                         }
                     }
                 }
             }
             assert_same(&format!("{what}: homes"), &homes_before, &snap_homes());
-            assert_same(&format!("{what}: victim"), &victim_before, &snapshot(&victim, &[]));
+            assert_same(
+                &format!("{what}: victim"),
+                &victim_before,
+                &snapshot(&victim, &[]),
+            );
             assert_etc_untouched(what);
-            assert!(!nowhere.exists(), "{what}: the dangling link's target was created");
+            assert!(
+                !nowhere.exists(),
+                "{what}: the dangling link's target was created"
+            );
             let nl_home = std::fs::symlink_metadata(&nl.user.home).expect("home");
-            assert_eq!((nl_home.uid(), nl_home.mode()), (nl_home_before.uid(), nl_home_before.mode()), "{what}");
-            assert!(!cases[10].user.home.exists(), "{what}: the missing home was created");
-            assert!(!cases[11].user.ssh().exists(), "{what}: .ssh created in a home owned by another user");
+            assert_eq!(
+                (nl_home.uid(), nl_home.mode()),
+                (nl_home_before.uid(), nl_home_before.mode()),
+                "{what}"
+            );
+            assert!(
+                !cases[10].user.home.exists(),
+                "{what}: the missing home was created"
+            );
+            assert!(
+                !cases[11].user.ssh().exists(),
+                "{what}: .ssh created in a home owned by another user"
+            );
         };
 
         // The daemon: every user reported, the good ones written.
@@ -410,23 +520,34 @@ async fn zoo_of_hostile_homes_each_gets_its_defined_outcome_and_nothing_lands_el
             cases.iter().all(|c| {
                 let u = &status["users"][&c.user.name];
                 match c.fails_with {
-                    None => u["last_error"].is_null() && u["fingerprints"].as_array().is_some_and(|f| f.len() == 2),
+                    None => {
+                        u["last_error"].is_null()
+                            && u["fingerprints"].as_array().is_some_and(|f| f.len() == 2)
+                    }
                     Some(cause) => u["last_error"].as_str().is_some_and(|e| e.contains(cause)),
                 }
             })
         });
-        assert!(settled, "outcomes not reached: {status:#}\n{}", agent.log_text());
+        assert!(
+            settled,
+            "outcomes not reached: {status:#}\n{}",
+            agent.log_text()
+        );
         check("daemon", &keys[..2], Some(&status));
 
         // Nothing hangs: a change still reaches the good users.
         cp.set_keys(keys[1..].to_vec());
         let followed = eventually(DEADLINE, || {
-            cases
-                .iter()
-                .filter(|c| c.fails_with.is_none())
-                .all(|c| std::fs::read_to_string(c.target()).is_ok_and(|t| sorted(&block_keys(&t)) == sorted(&keys[1..])))
+            cases.iter().filter(|c| c.fails_with.is_none()).all(|c| {
+                std::fs::read_to_string(c.target())
+                    .is_ok_and(|t| sorted(&block_keys(&t)) == sorted(&keys[1..]))
+            })
         });
-        assert!(followed, "the good users stopped following the list:\n{}", agent.log_text());
+        assert!(
+            followed,
+            "the good users stopped following the list:\n{}",
+            agent.log_text()
+        );
         let status = status_json(&env);
         check("daemon after a change", &keys[1..], Some(&status));
         let (exit, _) = agent.stop(Duration::from_secs(10));
@@ -437,7 +558,11 @@ async fn zoo_of_hostile_homes_each_gets_its_defined_outcome_and_nothing_lands_el
         let (code, stderr) = run_once(&env);
         assert_eq!(code, 1, "{stderr}");
         for case in cases.iter().filter(|c| c.fails_with.is_some()) {
-            assert!(stderr.contains(&case.user.name), "run --once did not report {}:\n{stderr}", case.label);
+            assert!(
+                stderr.contains(&case.user.name),
+                "run --once did not report {}:\n{stderr}",
+                case.label
+            );
         }
         check("run --once", &keys[2..], None);
         drop(cases);

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::support::agent::{TestEnv, bin, block_keys, blocking, eventually};
+use crate::support::config::Config;
 use crate::support::fake_cp::{FakeControlPlane, gen_ed25519_keys};
 
 /// Generous deadline for "eventually" conditions on a loaded 2-core machine.
@@ -455,7 +456,7 @@ async fn run_once_keeps_the_keys_through_every_hostile_answer() {
         });
         let (server, mode) = hostile_server(&old_keys, ctx.clone());
         let env = TestEnv::new();
-        env.write_config(&env.config_for(&server.url(), "max_body = \"8MiB\"", ""));
+        env.write_config(Config::vast(&env, &server.url()).set("max_body", "8MiB"));
         let first = run_once(&env);
         assert_eq!(first.code, 0, "{}", first.stderr);
         assert_eq!(
@@ -551,7 +552,7 @@ async fn same_origin_redirect_is_followed_with_the_credentials() {
             }
         }));
         let env = TestEnv::new();
-        env.write_config(&env.config_for(&server.url(), "", ""));
+        env.write_config(Config::vast(&env, &server.url()));
         let first = run_once(&env);
         assert_eq!(first.code, 0, "{}", first.stderr);
         moved.store(true, Ordering::Relaxed);
@@ -597,7 +598,7 @@ async fn daemon_rides_out_every_hostile_answer_and_follows_the_next_good_one() {
         });
         let (server, mode) = hostile_server(&old_keys, ctx.clone());
         let env = TestEnv::new();
-        env.write_config(&env.config_for(&server.url(), "max_body = \"8MiB\"", ""));
+        env.write_config(Config::vast(&env, &server.url()).set("max_body", "8MiB"));
         let mut agent = env.spawn_with(|cmd| {
             cmd.env("KEYSYNC_LOG", "info");
         });
@@ -689,7 +690,7 @@ fn a_flood_of_invalid_entries_is_summarised_not_logged_line_by_line() {
         json_ok(stream, &body)
     }));
     let env = TestEnv::new();
-    env.write_config(&env.config_for(&server.url(), "max_body = \"16MiB\"", ""));
+    env.write_config(Config::vast(&env, &server.url()).set("max_body", "16MiB"));
     let out = run_once(&env);
     assert_eq!(out.code, 0, "{}", &out.stderr[..out.stderr.len().min(2000)]);
     assert_eq!(

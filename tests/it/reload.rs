@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use crate::support::agent::{TestEnv, block_keys, eventually};
+use crate::support::config::{Config, User};
 use crate::support::fake_cp::{FakeControlPlane, fixture_keys, gen_ed25519_keys};
 use crate::support::service::*;
 use nix::sys::signal::Signal;
@@ -20,10 +21,12 @@ async fn dropin_dir_created_after_start_adds_a_user_and_sighup_reloads() {
     let cp = blocking(move || {
         let [alice, bob, _] = fixture_keys();
         let env = TestEnv::new();
-        env.write_config(&config_text(&env, &cp.url(), "60s", "2s", ""));
+        env.write_config(Config::vast(&env, &cp.url()).set("interval", "60s"));
         let mut agent = env.spawn();
         assert!(
-            eventually(Duration::from_secs(10), || block_keys(&env.read_target().unwrap_or_default()) == [alice, bob]),
+            eventually(Duration::from_secs(10), || block_keys(
+                &env.read_target().unwrap_or_default()
+            ) == [alice, bob]),
             "no first sync; log:\n{}",
             agent.log_text()
         );
@@ -35,10 +38,9 @@ async fn dropin_dir_created_after_start_adds_a_user_and_sighup_reloads() {
         std::fs::create_dir(env.path().join("config.d")).unwrap();
         std::fs::write(
             env.path().join("config.d/50-second.toml"),
-            format!(
-                "[[users]]\nname = \"{SECOND_USER}\"\nsources = [\"account\"]\nwrite = \"block\"\npath = \"{}\"\n",
-                theirs.display()
-            ),
+            Config::default()
+                .user(User::block(SECOND_USER, &theirs))
+                .to_string(),
         )
         .unwrap();
         assert!(
@@ -64,7 +66,10 @@ async fn dropin_dir_created_after_start_adds_a_user_and_sighup_reloads() {
         agent.signal(Signal::SIGHUP);
         assert!(
             eventually(Duration::from_secs(10), || {
-                status_json(&env)["config"]["loaded_at"].as_f64().unwrap_or(0.0) > loaded_at
+                status_json(&env)["config"]["loaded_at"]
+                    .as_f64()
+                    .unwrap_or(0.0)
+                    > loaded_at
             }),
             "SIGHUP did not reload; log:\n{}",
             agent.log_text()
@@ -85,7 +90,7 @@ async fn broken_edit_keeps_the_running_config() {
     let cp = blocking(move || {
         let [alice, bob, _] = fixture_keys();
         let env = TestEnv::new();
-        env.write_config(&config_text(&env, &cp.url(), "200ms", "2s", ""));
+        env.write_config(Config::vast(&env, &cp.url()));
         std::fs::create_dir(env.path().join("config.d")).unwrap();
         let mut agent = env.spawn();
         assert!(eventually(Duration::from_secs(10), || {

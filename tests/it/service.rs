@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::support::agent::{TestEnv, bin, block_keys, eventually};
+use crate::support::config::Config;
 use crate::support::fake_cp::{FakeControlPlane, Fault, fixture_keys};
 use crate::support::http::{self, healthz};
 use crate::support::metrics::{Format, parse_exposition};
@@ -29,7 +30,7 @@ async fn health_socket_endpoints_and_status_command() {
     cp.set_fault(Fault::server_error(503), None);
     let cp = blocking(move || {
         let env = TestEnv::new();
-        env.write_config(&config_text(&env, &cp.url(), "200ms", "2s", ""));
+        env.write_config(Config::vast(&env, &cp.url()));
         let inbox = NotifyInbox::bind(&env.path().join("notify.sock"));
         let agent = env.spawn_with(|cmd| {
             cmd.env("KEYSYNC_TEST_API_KEY", &secret)
@@ -336,7 +337,7 @@ async fn health_socket_refuses_writes() {
     cp.load_fixture();
     let cp = blocking(move || {
         let env = TestEnv::new();
-        env.write_config(&config_text(&env, &cp.url(), "60s", "2s", ""));
+        env.write_config(Config::vast(&env, &cp.url()).set("interval", "60s"));
         let mut agent = env.spawn();
         let socket = env.socket();
         assert!(eventually(Duration::from_secs(10), || healthz(&socket) == Some(200)));
@@ -362,7 +363,7 @@ async fn stale_socket_is_replaced_and_a_live_one_is_not() {
     cp.load_fixture();
     let cp = blocking(move || {
         let env = TestEnv::new();
-        env.write_config(&config_text(&env, &cp.url(), "60s", "2s", ""));
+        env.write_config(Config::vast(&env, &cp.url()).set("interval", "60s"));
         let socket = env.socket();
         let first = env.spawn();
         assert!(eventually(Duration::from_secs(10), || healthz(&socket) == Some(200)));
@@ -416,7 +417,7 @@ async fn notify_ready_status_watchdog_stopping() {
     cp.load_fixture();
     let cp = blocking(move || {
         let env = TestEnv::new();
-        env.write_config(&config_text(&env, &cp.url(), "60s", "2s", ""));
+        env.write_config(Config::vast(&env, &cp.url()).set("interval", "60s"));
         let inbox = NotifyInbox::bind(&env.path().join("notify.sock"));
         let agent = env.spawn_with(|cmd| {
             // 400 ms: a ping about every 200 ms.
@@ -498,7 +499,11 @@ async fn ready_even_when_the_control_plane_never_answers() {
         let env = TestEnv::new();
         // A timeout longer than the READY fallback: the first attempt is
         // still hanging when READY=1 is due.
-        env.write_config(&config_text(&env, &cp.url(), "60s", "60s", ""));
+        env.write_config(
+            Config::vast(&env, &cp.url())
+                .set("interval", "60s")
+                .set("timeout", "60s"),
+        );
         let inbox = NotifyInbox::bind(&env.path().join("notify.sock"));
         let started = Instant::now();
         let agent = env.spawn_with(|cmd| {
@@ -550,7 +555,7 @@ async fn log_formats_json_and_human() {
     let cp = blocking(move || {
         let [alice, bob, _] = fixture_keys();
         let env = TestEnv::new();
-        env.write_config(&config_text(&env, &cp.url(), "60s", "2s", ""));
+        env.write_config(Config::vast(&env, &cp.url()).set("interval", "60s"));
         let config = env.config_path();
         let once = |format: &str| {
             // A fresh state dir each time, so both runs add the keys.
@@ -728,9 +733,11 @@ async fn api_key_from_a_systemd_credential() {
     cp.load_fixture();
     let cp = blocking(move || {
         let env = TestEnv::new();
-        let text = config_text(&env, &cp.url(), "60s", "2s", "")
-            .replace("KEYSYNC_TEST_API_KEY", "KEYSYNC_TEST_UNSET_API_KEY");
-        env.write_config(&text);
+        env.write_config(
+            Config::vast(&env, &cp.url())
+                .set("interval", "60s")
+                .set("api_key_env", "KEYSYNC_TEST_UNSET_API_KEY"),
+        );
         let creds = env.path().join("credentials");
         std::fs::create_dir(&creds).unwrap();
         std::fs::write(creds.join("api-key"), format!("{secret}\n")).unwrap();

@@ -2,6 +2,7 @@
 //! the managed block through `keysync run --once`.
 
 use crate::support::agent::{TestEnv, block_keys};
+use crate::support::config::Config;
 use crate::support::fake_cp::{FakeControlPlane, fixture_keys};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -10,7 +11,7 @@ async fn run_once_writes_the_fixture_list() {
     cp.set_token(Some("test-token"));
     cp.load_fixture();
     let env = TestEnv::new();
-    env.write_config(&env.config_for(&cp.url(), "", ""));
+    env.write_config(Config::vast(&env, &cp.url()));
     // The binary blocks; keep it off the runtime that serves the fake.
     let (env, output) = tokio::task::spawn_blocking(move || {
         let output = env.run_once();

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::support::agent::{TestEnv, bin, block_keys, eventually};
+use crate::support::config::{Config, User};
 use crate::support::fake_cp::{fixture_keys, gen_ed25519_keys};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -48,30 +49,13 @@ fn keys_now(env: &TestEnv) -> Vec<String> {
     block_keys(&env.read_target().unwrap_or_default())
 }
 
-/// A config with one source `team` (the given TOML lines) and the current
-/// user writing a managed block in the env's target.
-fn config(env: &TestEnv, source: &str) -> String {
-    format!(
-        r#"state_dir = "{state}"
-health_socket = "{socket}"
-
-[sources.team]
-{source}
-
-[[users]]
-name = "{user}"
-sources = ["team"]
-write = "block"
-path = "{target}"
-
-[policy]
-confirm_delay = "300ms"
-"#,
-        state = env.state_dir().display(),
-        socket = env.socket().display(),
-        target = env.target().display(),
-        user = me(),
-    )
+/// A config with one source `team` of this kind (its fields set by the
+/// caller) and the current user writing a managed block in the env's target.
+fn config(env: &TestEnv, kind: &str) -> Config {
+    Config::new(env)
+        .source("team", kind)
+        .user(User::block(&me(), env.target()).set("sources", vec!["team"]))
+        .policy("confirm_delay", "300ms")
 }
 
 // ---------------------------------------------------------------------------
@@ -233,10 +217,13 @@ async fn http_source_follows_a_github_style_keys_url() {
         let [alice, bob, _] = fixture_keys();
         let server = KeysServer::start("/alice.keys", &github_body(&[alice, bob]), "W/\"gh-1\"");
         let env = TestEnv::new();
-        env.write_config(&config(
-            &env,
-            &format!("kind = \"http\"\nurl = \"{}\"\ninterval = \"300ms\"\njitter = \"0s\"\nmax_backoff = \"1s\"", server.url()),
-        ));
+        env.write_config(
+            config(&env, "http")
+                .set("url", server.url())
+                .set("interval", "300ms")
+                .set("jitter", "0s")
+                .set("max_backoff", "1s"),
+        );
         let agent = env.spawn();
         assert!(
             eventually(WAIT, || keys_now(&env) == [bare(alice), bare(bob)]),
@@ -245,14 +232,24 @@ async fn http_source_follows_a_github_style_keys_url() {
         );
         // Conditional polls: If-None-Match with the weak ETag, answered 304.
         assert!(
-            eventually(WAIT, || server.log().iter().filter(|s| s.status == 304).count() >= 3),
+            eventually(WAIT, || server
+                .log()
+                .iter()
+                .filter(|s| s.status == 304)
+                .count()
+                >= 3),
             "{:?}",
             server.log()
         );
         let log = server.log();
         assert_eq!(log[0].path, "/alice.keys");
         assert_eq!(log[0].if_none_match, None);
-        assert!(log[1..].iter().all(|s| s.if_none_match.as_deref() == Some("W/\"gh-1\"")), "{log:?}");
+        assert!(
+            log[1..]
+                .iter()
+                .all(|s| s.if_none_match.as_deref() == Some("W/\"gh-1\"")),
+            "{log:?}"
+        );
         let source = status(&env)["sources"]["team"].clone();
         assert_eq!(source["kind"], "http", "{source}");
         assert_eq!(source["mode"], "poll", "{source}");
@@ -264,7 +261,8 @@ async fn http_source_follows_a_github_style_keys_url() {
         let carol = gen_ed25519_keys(1).pop().expect("a key");
         server.set(&github_body(&[alice, bob, &carol]), "W/\"gh-2\"");
         assert!(
-            eventually(WAIT, || keys_now(&env) == [bare(alice), bare(bob), bare(&carol)]),
+            eventually(WAIT, || keys_now(&env)
+                == [bare(alice), bare(bob), bare(&carol)]),
             "new body not synced; log:\n{}",
             agent.log_text()
         );
@@ -280,13 +278,18 @@ async fn http_source_follows_a_github_style_keys_url() {
             status(&env)
         );
         assert!(eventually(WAIT, || server.log().len() >= before + 3));
-        assert_eq!(keys_now(&env), [bare(alice), bare(bob), bare(&carol)], "keys kept through the 404");
+        assert_eq!(
+            keys_now(&env),
+            [bare(alice), bare(bob), bare(&carol)],
+            "keys kept through the 404"
+        );
         assert_eq!(status(&env)["sources"]["team"]["key_count"], 3);
 
         // Back: the ETag still matches, a 304 clears the error.
         server.set_status(None);
         assert!(
-            eventually(WAIT, || status(&env)["sources"]["team"]["last_error"].is_null()),
+            eventually(WAIT, || status(&env)["sources"]["team"]["last_error"]
+                .is_null()),
             "error not cleared: {}",
             status(&env)
         );
@@ -308,10 +311,11 @@ async fn http_source_reads_authorized_keys_format() {
         );
         let server = KeysServer::start("/team/authorized_keys", &body, "\"t1\"");
         let env = TestEnv::new();
-        env.write_config(&config(
-            &env,
-            &format!("kind = \"http\"\nurl = \"{}\"\ninterval = \"60s\"", server.url()),
-        ));
+        env.write_config(
+            config(&env, "http")
+                .set("url", server.url())
+                .set("interval", "60s"),
+        );
         let agent = env.spawn();
         assert!(
             eventually(WAIT, || keys_now(&env) == [alice, bob]),
@@ -353,13 +357,12 @@ fn file_env(interval: &str) -> (TestEnv, PathBuf) {
     let keys_dir = env.path().join("keys.d");
     std::fs::create_dir_all(&keys_dir).expect("mkdir");
     let path = keys_dir.join("team.keys");
-    env.write_config(&config(
-        &env,
-        &format!(
-            "kind = \"file\"\npath = \"{}\"\ninterval = \"{interval}\"\njitter = \"0s\"",
-            path.display()
-        ),
-    ));
+    env.write_config(
+        config(&env, "file")
+            .set("path", path.display().to_string())
+            .set("interval", interval)
+            .set("jitter", "0s"),
+    );
     (env, path)
 }
 

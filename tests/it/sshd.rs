@@ -22,6 +22,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::support::agent::{TestEnv, bin, block_keys, eventually, is_root};
+use crate::support::config::{Config, User};
 use crate::support::fake_cp::FakeControlPlane;
 
 const SSHD: &str = "/usr/sbin/sshd";
@@ -388,31 +389,14 @@ impl Mode {
     }
 }
 
-fn agent_config(env: &TestEnv, url: &str, user: &str, mode: Mode) -> String {
-    format!(
-        r#"state_dir = "{state}"
-health_socket = "{socket}"
-
-[sources.account]
-kind = "vast"
-url = "{url}"
-api_key_env = "KEYSYNC_TEST_API_KEY"
-interval = "60s"
-jitter = "0s"
-timeout = "5s"
-
-[[users]]
-name = "{user}"
-sources = ["account"]
-write = "{write}"
-
-[policy]
-confirm_delay = "300ms"
-"#,
-        state = env.state_dir().display(),
-        socket = env.socket().display(),
-        write = mode.write(),
-    )
+/// Polls only when told (`run --once` here); the user in the mode under test,
+/// at the mode's default path.
+fn agent_config(env: &TestEnv, url: &str, user: &str, mode: Mode) -> Config {
+    Config::vast(env, url)
+        .set("interval", "60s")
+        .set("timeout", "5s")
+        .unset("max_backoff")
+        .only_user(User::new(user, mode.write()))
 }
 
 struct Hook<'a> {
@@ -503,7 +487,7 @@ fn scenario(cp: &FakeControlPlane, mode: Mode) {
     }
 
     cp.set_keys([added_first.public.clone()]);
-    env.write_config(&agent_config(&env, &cp.url(), &user.name, mode));
+    env.write_config(agent_config(&env, &cp.url(), &user.name, mode));
     let state = env.state_dir();
     let hook_path = hook_binary.as_ref().map(HookBinary::path);
     let hook = hook_user

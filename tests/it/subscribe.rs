@@ -12,6 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::support::agent::{Agent, TestEnv, bin, block_keys, eventually};
+use crate::support::config::{Config, User};
 use crate::support::fake_cp::{
     Endpoint, FakeControlPlane, Fault, RequestRecord, fixture_keys, gen_ed25519_keys,
 };
@@ -31,33 +32,13 @@ fn me() -> String {
 
 /// A vast source at `url` subscribed to `events`, jitter off, failures
 /// retried within a second; the user writes a managed block in the env's target.
-fn config(env: &TestEnv, url: &str, events: &str, interval: &str, resync: &str) -> String {
-    format!(
-        r#"state_dir = "{state}"
-health_socket = "{socket}"
-
-[sources.account]
-kind = "vast"
-url = "{url}"
-subscribe_url = "{events}"
-api_key_env = "KEYSYNC_TEST_API_KEY"
-interval = "{interval}"
-resync = "{resync}"
-jitter = "0s"
-timeout = "2s"
-max_backoff = "1s"
-
-[[users]]
-name = "{user}"
-sources = ["account"]
-write = "block"
-path = "{target}"
-"#,
-        state = env.state_dir().display(),
-        socket = env.socket().display(),
-        target = env.target().display(),
-        user = me(),
-    )
+fn config(env: &TestEnv, url: &str, events: &str, interval: &str, resync: &str) -> Config {
+    Config::vast(env, url)
+        .set("subscribe_url", events)
+        .set("interval", interval)
+        .set("resync", resync)
+        .only_user(User::block(&me(), env.target()))
+        .no_policy()
 }
 
 /// Runs the blocking body of a test off the runtime that serves the fake.
@@ -167,7 +148,7 @@ async fn an_event_triggers_a_fetch_and_a_write() {
     blocking(move || {
         let [alice, bob, _] = fixture_keys();
         let env = TestEnv::new();
-        env.write_config(&config(&env, &cp.url(), &cp.events_url(), "60s", "10m"));
+        env.write_config(config(&env, &cp.url(), &cp.events_url(), "60s", "10m"));
         let agent = start(&env, &cp, &[alice, bob]);
         let source = source_status(&env);
         assert_eq!(source["mode"], "subscribe", "{source}");
@@ -260,7 +241,7 @@ async fn heartbeats_alone_trigger_nothing() {
     blocking(move || {
         let [alice, bob, _] = fixture_keys();
         let env = TestEnv::new();
-        env.write_config(&config(&env, &cp.url(), &cp.events_url(), "60s", "10m"));
+        env.write_config(config(&env, &cp.url(), &cp.events_url(), "60s", "10m"));
         let agent = start(&env, &cp, &[alice, bob]);
         settle(&cp, Duration::from_millis(500));
         cp.clear_requests();
@@ -302,7 +283,7 @@ async fn a_dropped_stream_falls_back_to_polling_and_resumes_with_last_event_id()
         let [alice, bob, _] = fixture_keys();
         let extra = gen_ed25519_keys(3);
         let env = TestEnv::new();
-        env.write_config(&config(&env, &cp.url(), &cp.events_url(), "300ms", "60s"));
+        env.write_config(config(&env, &cp.url(), &cp.events_url(), "300ms", "60s"));
         let agent = start(&env, &cp, &[alice, bob]);
 
         // An event the agent sees: its Last-Event-ID becomes this generation.
@@ -416,7 +397,7 @@ async fn a_silent_stream_still_resyncs() {
     blocking(move || {
         let [alice, bob, _] = fixture_keys();
         let env = TestEnv::new();
-        env.write_config(&config(&env, &cp.url(), &cp.events_url(), "60s", "500ms"));
+        env.write_config(config(&env, &cp.url(), &cp.events_url(), "60s", "500ms"));
         let agent = start(&env, &cp, &[alice, bob]);
         cp.clear_requests();
         let started = Instant::now();
@@ -463,7 +444,7 @@ async fn the_api_key_goes_to_the_stream_only_on_the_same_origin() {
         let [alice, bob, _] = fixture_keys();
         let carol = gen_ed25519_keys(1).pop().expect("a key");
         let env = TestEnv::new();
-        env.write_config(&config(&env, &cp.url(), &hub.events_url(), "60s", "10m"));
+        env.write_config(config(&env, &cp.url(), &hub.events_url(), "60s", "10m"));
         let agent = start(&env, &hub, &[alice, bob]);
         settle(&cp, Duration::from_millis(500));
 

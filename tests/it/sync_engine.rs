@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::support::agent::{Agent, TestEnv, bin, block_keys, blocking, eventually, require_root};
+use crate::support::config::{Config, User};
 use crate::support::fake_cp::{
     Endpoint, FakeControlPlane, Fault, Shape, fixture_keys, gen_ed25519_keys,
 };
@@ -169,7 +170,7 @@ async fn daemon_follows_every_shape_ignores_soft_deleted_and_obeys_the_no_keys_4
         let [alice, bob, retired] = fixture_keys().map(str::to_string);
         let extra = gen_ed25519_keys(4);
         let env = TestEnv::new();
-        env.write_config(&env.config_for(&cp.url(), "", ""));
+        env.write_config(Config::vast(&env, &cp.url()));
         let agent = env.spawn();
         // The fixture list: old@retired is soft-deleted.
         wait_block(&env, &agent, &[alice.clone(), bob.clone()], "fixture list");
@@ -296,7 +297,7 @@ async fn run_once_exit_codes() {
     blocking(move || {
         let [alice, bob, _] = fixture_keys().map(str::to_string);
         let env = TestEnv::new();
-        let good = env.config_for(&cp.url(), "", "");
+        let good = Config::vast(&env, &cp.url());
         env.write_config(&good);
 
         // 0: every source answered, every user written.
@@ -321,7 +322,9 @@ async fn run_once_exit_codes() {
         cp.clear_fault();
 
         // 2: a bad config (an unknown key), named by file, line and field.
-        let bad = env.config_for(&cp.url(), "bogus_knob = 1", "");
+        let bad = Config::vast(&env, &cp.url())
+            .set("bogus_knob", 1)
+            .to_string();
         let line = bad
             .lines()
             .position(|l| l.starts_with("bogus_knob"))
@@ -376,7 +379,7 @@ async fn foreign_lines_survive_byte_for_byte_also_when_another_writer_replaces_t
         std::fs::write(env.target(), &initial).expect("seed target");
         std::fs::set_permissions(env.target(), std::fs::Permissions::from_mode(0o600))
             .expect("chmod");
-        env.write_config(&env.config_for(&cp.url(), "", ""));
+        env.write_config(Config::vast(&env, &cp.url()));
         let agent = env.spawn();
 
         let exact = |want: String, what: &str| {
@@ -445,7 +448,7 @@ async fn racing_writer_keeps_its_line_and_the_block_follows_the_api() {
         cp.set_keys(step_keys(0));
         let env = TestEnv::new();
         make_target_dir(&env);
-        env.write_config(&env.config_for(&cp.url(), "", ""));
+        env.write_config(Config::vast(&env, &cp.url()));
         let agent = env.spawn();
         wait_block(&env, &agent, &step_keys(0), "first sync");
 
@@ -533,8 +536,11 @@ async fn planted_symlinks_are_never_written_through_and_root_links_are_followed(
         cp.set_keys(keys.clone());
         let env = TestEnv::new();
         // Homes live below the test dir; users must be able to reach them.
-        std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let mode = |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod");
+        std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod")
+        };
 
         // A root-owned file and a root-owned directory a user would love to write into.
         let secret = env.path().join("root-secret");
@@ -578,29 +584,61 @@ async fn planted_symlinks_are_never_written_through_and_root_links_are_followed(
         std::fs::create_dir(&home).expect("mkdir");
         std::os::unix::fs::symlink(&root_real, home.join(".ssh")).expect("symlink");
 
-        let users: String = [&a, &b, &c]
+        let config = [&a, &b, &c]
             .iter()
-            .map(|u| {
-                format!(
-                    "\n[[users]]\nname = \"{}\"\nsources = [\"account\"]\nwrite = \"block\"\npath = \"~/.ssh/authorized_keys\"\n",
-                    u.name
-                )
-            })
-            .collect();
-        env.write_config(&env.config_for(&cp.url(), "", &users));
+            .fold(Config::vast(&env, &cp.url()), |config, u| {
+                config.user(User::block(&u.name, "~/.ssh/authorized_keys"))
+            });
+        env.write_config(config);
         let agent = env.spawn();
 
-        wait_block_at(&root_real.join("authorized_keys"), &agent, &keys, "root through its root-owned link");
-        wait_block_at(&c_real.join("authorized_keys"), &agent, &keys, "c through the root-owned link");
+        wait_block_at(
+            &root_real.join("authorized_keys"),
+            &agent,
+            &keys,
+            "root through its root-owned link",
+        );
+        wait_block_at(
+            &c_real.join("authorized_keys"),
+            &agent,
+            &keys,
+            "c through the root-owned link",
+        );
         let c_file = std::fs::metadata(c_real.join("authorized_keys")).expect("c file");
-        assert_eq!((c_file.uid(), c_file.mode() & 0o7777), (c.uid, 0o600), "c's file owner and mode");
+        assert_eq!(
+            (c_file.uid(), c_file.mode() & 0o7777),
+            (c.uid, 0o600),
+            "c's file owner and mode"
+        );
         let check_untouched = |what: &str| {
-            assert_eq!(file_state(&secret), secret_before, "{what}: the root-owned file was written through a's link");
-            assert_eq!(std::fs::read_link(&a_link).ok().as_deref(), Some(secret.as_path()), "{what}: a's link");
-            assert_eq!(std::fs::read_link(&b_link).ok().as_deref(), Some(root_dir.as_path()), "{what}: b's link");
-            let in_root_dir: Vec<_> = std::fs::read_dir(&root_dir).expect("ls").flatten().map(|e| e.path()).collect();
-            assert!(in_root_dir.is_empty(), "{what}: written into the root-only dir: {in_root_dir:?}");
-            assert!(temp_files(&a_ssh).is_empty(), "{what}: temp files left in a's .ssh");
+            assert_eq!(
+                file_state(&secret),
+                secret_before,
+                "{what}: the root-owned file was written through a's link"
+            );
+            assert_eq!(
+                std::fs::read_link(&a_link).ok().as_deref(),
+                Some(secret.as_path()),
+                "{what}: a's link"
+            );
+            assert_eq!(
+                std::fs::read_link(&b_link).ok().as_deref(),
+                Some(root_dir.as_path()),
+                "{what}: b's link"
+            );
+            let in_root_dir: Vec<_> = std::fs::read_dir(&root_dir)
+                .expect("ls")
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+            assert!(
+                in_root_dir.is_empty(),
+                "{what}: written into the root-only dir: {in_root_dir:?}"
+            );
+            assert!(
+                temp_files(&a_ssh).is_empty(),
+                "{what}: temp files left in a's .ssh"
+            );
         };
         // Wait until a and b were dealt with (an error, or a write: the
         // latter would be the bug), then look at what is on disk first.
@@ -614,10 +652,16 @@ async fn planted_symlinks_are_never_written_through_and_root_links_are_followed(
             dealt_with(&status, &a) && dealt_with(&status, &b)
         });
         check_untouched("daemon");
-        assert!(done, "a and b never dealt with: {status:#}\n{}", log_tail(&agent.log_text()));
+        assert!(
+            done,
+            "a and b never dealt with: {status:#}\n{}",
+            log_tail(&agent.log_text())
+        );
         // Both are reported failed, for the symlink.
         let failed = |s: &serde_json::Value, u: &TestUser| {
-            s["users"][&u.name]["last_error"].as_str().is_some_and(|e| e.contains("symlink"))
+            s["users"][&u.name]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("symlink"))
         };
         assert!(
             failed(&status, &a) && failed(&status, &b),
@@ -625,9 +669,16 @@ async fn planted_symlinks_are_never_written_through_and_root_links_are_followed(
             log_tail(&agent.log_text())
         );
         for u in ["root", c.name.as_str()] {
-            assert!(status["users"][u]["last_error"].is_null(), "{u} reported failed: {status:#}");
+            assert!(
+                status["users"][u]["last_error"].is_null(),
+                "{u} reported failed: {status:#}"
+            );
         }
-        assert_eq!(status_json_ready(&env), Some(false), "ready although users failed");
+        assert_eq!(
+            status_json_ready(&env),
+            Some(false),
+            "ready although users failed"
+        );
 
         let (status, _) = agent.stop(Duration::from_secs(5));
         assert!(status.success());
@@ -642,9 +693,17 @@ async fn planted_symlinks_are_never_written_through_and_root_links_are_followed(
         cp.set_keys(more.clone());
         let (code, stderr) = run_once(&env);
         assert_eq!(code, 1, "{stderr}");
-        for path in [root_real.join("authorized_keys"), c_real.join("authorized_keys")] {
+        for path in [
+            root_real.join("authorized_keys"),
+            c_real.join("authorized_keys"),
+        ] {
             let text = std::fs::read_to_string(&path).expect("written");
-            assert_eq!(sorted(&block_keys(&text)), sorted(&more), "{}", path.display());
+            assert_eq!(
+                sorted(&block_keys(&text)),
+                sorted(&more),
+                "{}",
+                path.display()
+            );
         }
         check_untouched("run --once after a change");
         drop((a, b, c));
@@ -787,7 +846,7 @@ async fn hostile_keys_never_reach_the_file() {
         served.push(duplicate);
         cp.set_keys(served);
 
-        env.write_config(&env.config_for(&cp.url(), "", ""));
+        env.write_config(Config::vast(&env, &cp.url()));
         let (code, stderr) = run_once(&env);
         assert_eq!(
             code, 0,
@@ -866,7 +925,7 @@ async fn restart_with_the_api_down_serves_the_last_good_keys() {
         let keys = gen_ed25519_keys(3);
         cp.set_keys(keys.clone());
         let env = TestEnv::new();
-        env.write_config(&env.config_for(&cp.url(), "", ""));
+        env.write_config(Config::vast(&env, &cp.url()));
         let agent = env.spawn();
         wait_block(&env, &agent, &keys, "first sync");
         let (status, _) = agent.stop(Duration::from_secs(5));
@@ -915,7 +974,7 @@ async fn sigterm_and_sigint_stop_cleanly_without_leftovers() {
         for sig in [Signal::SIGTERM, Signal::SIGINT] {
             cp.set_keys(pool[..2].to_vec());
             let env = TestEnv::new();
-            env.write_config(&env.config_for(&cp.url(), "", ""));
+            env.write_config(Config::vast(&env, &cp.url()));
             let agent = env.spawn();
             wait_block(&env, &agent, &pool[..2], "first sync");
             // Stop while the agent is busy writing: the list keeps changing.

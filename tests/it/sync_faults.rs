@@ -10,6 +10,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use crate::support::agent::{Agent, TestEnv, block_keys, blocking, eventually};
+use crate::support::config::Config;
 use crate::support::fake_cp::{Endpoint, FakeControlPlane, Fault, gen_ed25519_keys};
 use crate::support::http;
 
@@ -111,7 +112,7 @@ async fn daemon_keeps_the_file_through_every_fault_and_follows_the_next_change()
         let mut step = 0;
         cp.set_keys(step_keys(&pool, step));
         let env = TestEnv::new();
-        env.write_config(&env.config_for(&cp.url(), "", ""));
+        env.write_config(Config::vast(&env, &cp.url()));
         let mut agent = env.spawn();
         wait_block(&env, &agent, &step_keys(&pool, step), "first sync");
 
@@ -239,7 +240,7 @@ async fn run_once_under_every_fault_exits_1_and_keeps_the_file() {
         let pool = gen_ed25519_keys(6);
         cp.set_keys(step_keys(&pool, 0));
         let env = TestEnv::new();
-        let config = env.config_for(&cp.url(), "", "");
+        let config = Config::vast(&env, &cp.url());
         env.write_config(&config);
         let (code, stderr) = run_once(&env);
         assert_eq!(code, 0, "baseline run --once failed:\n{stderr}");
@@ -273,7 +274,7 @@ async fn run_once_under_every_fault_exits_1_and_keeps_the_file() {
             .and_then(|l| l.local_addr())
             .expect("pick a port");
         let url = format!("http://{closed}/api/v0/ssh/");
-        env.write_config(&env.config_for(&url, "", ""));
+        env.write_config(Config::vast(&env, &url));
         let before = file_state(&env.target());
         let (code, stderr) = run_once(&env);
         assert_eq!(
@@ -307,7 +308,7 @@ async fn requests_carry_the_contract_headers_and_304_keeps_the_file() {
         let pool = gen_ed25519_keys(3);
         cp.set_keys(pool.clone());
         let env = TestEnv::new();
-        env.write_config(&env.config_for(&cp.url(), "", ""));
+        env.write_config(Config::vast(&env, &cp.url()));
         let agent = env.spawn();
         wait_block(&env, &agent, &pool, "first sync");
         let before = file_state(&env.target());

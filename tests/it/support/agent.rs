@@ -49,59 +49,14 @@ impl TestEnv {
     pub fn socket(&self) -> PathBuf {
         self.path().join("health.sock")
     }
-    /// The default target file of [`TestEnv::config_for`]: `<dir>/home/.ssh/authorized_keys`.
+    /// The default target file of [`Config::vast`](super::config::Config::vast): `<dir>/home/.ssh/authorized_keys`.
     pub fn target(&self) -> PathBuf {
         self.path().join("home/.ssh/authorized_keys")
     }
 
-    /// A config with one vast source at `url` (API key from env
-    /// `KEYSYNC_TEST_API_KEY`) and user root writing [`TestEnv::target`].
-    /// `extra_source` lines go into the source table, `extra` at the end.
-    pub fn config_for(&self, url: &str, extra_source: &str, extra: &str) -> String {
-        self.config_with(url, "200ms", "2s", extra_source, extra)
-    }
-
-    /// [`TestEnv::config_for`] with the source's `interval` and `timeout` chosen.
-    pub fn config_with(
-        &self,
-        url: &str,
-        interval: &str,
-        timeout: &str,
-        extra_source: &str,
-        extra: &str,
-    ) -> String {
-        format!(
-            r#"state_dir = "{state}"
-health_socket = "{socket}"
-
-[sources.account]
-kind = "vast"
-url = "{url}"
-api_key_env = "KEYSYNC_TEST_API_KEY"
-interval = "{interval}"
-jitter = "0s"
-timeout = "{timeout}"
-max_backoff = "1s"
-{extra_source}
-
-[[users]]
-name = "root"
-sources = ["account"]
-write = "block"
-path = "{target}"
-
-[policy]
-confirm_delay = "300ms"
-{extra}
-"#,
-            state = self.state_dir().display(),
-            socket = self.socket().display(),
-            target = self.target().display(),
-        )
-    }
-
-    pub fn write_config(&self, text: &str) {
-        std::fs::write(self.config_path(), text).expect("write config");
+    /// Writes the config file: a [`Config`](super::config::Config) or plain text.
+    pub fn write_config(&self, config: impl std::fmt::Display) {
+        std::fs::write(self.config_path(), config.to_string()).expect("write config");
     }
 
     fn command(&self, args: &[&str]) -> Command {

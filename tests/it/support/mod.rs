@@ -1,4 +1,5 @@
 pub mod agent;
+pub mod config;
 pub mod fake_cp;
 pub mod http;
 pub mod metrics;

@@ -26,13 +26,6 @@ pub fn unique_secret() -> String {
     format!("ks-SECRET-{}-{nanos:09}", std::process::id())
 }
 
-/// A config with one vast source `account` at `url` (API key from env
-/// `KEYSYNC_TEST_API_KEY`, jitter off) and user root writing the env's
-/// target in block mode. `extra` goes at the end.
-pub fn config_text(env: &TestEnv, url: &str, interval: &str, timeout: &str, extra: &str) -> String {
-    env.config_with(url, interval, timeout, "", extra)
-}
-
 /// `keysync ARGS…` without systemd in the environment.
 pub fn keysync(args: &[&str]) -> Output {
     Command::new(bin())
