@@ -8,31 +8,19 @@
 #[path = "../../examples/gen-assets/assets.rs"]
 mod assets;
 
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
 
-use crate::support::agent::{TestEnv, bin, block_keys, eventually, is_root};
+use crate::support::block::block_keys;
+use crate::support::env::{TestEnv, bin, keysync_cmd};
 use crate::support::fake_cp::{FakeControlPlane, fixture_keys};
-
-const DEADLINE: Duration = Duration::from_secs(20);
+use crate::support::files::mode;
+use crate::support::scenario::Scenario;
+use crate::support::{DEADLINE, can_run, eventually, require_root};
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Tests that chown files or write as root: loud skip outside CI, failure in CI.
-fn need_root(test: &str) -> bool {
-    if is_root() {
-        return true;
-    }
-    eprintln!("!!!!! {test}: NOT RUN, needs root (CI runs it as root) !!!!!");
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test} needs root under CI"
-    );
-    false
 }
 
 /// A tool the test needs: present, or a loud skip outside CI and a failure in CI.
@@ -42,14 +30,8 @@ fn need_tool(test: &str, tool: &str) -> bool {
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if !found {
-        eprintln!("!!!!! {test}: NOT RUN, `{tool}` is not installed (.ci/run installs it) !!!!!");
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{test} needs {tool} under CI"
-        );
-    }
-    found
+    let missing = format!("`{tool}` is not installed (.ci/run installs it)");
+    can_run(test, (!found).then_some(missing.as_str()))
 }
 
 fn text(output: &Output) -> String {
@@ -59,10 +41,6 @@ fn text(output: &Output) -> String {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     )
-}
-
-fn mode(path: &Path) -> u32 {
-    std::fs::metadata(path).expect("stat").permissions().mode() & 0o7777
 }
 
 fn pid_alive(pid: i32) -> bool {
@@ -130,17 +108,12 @@ impl Drop for Supervisor {
 /// supervisor stops both processes.
 #[tokio::test(flavor = "multi_thread")]
 async fn onstart_script_syncs_keys_and_supervises_the_agent() {
-    if !need_root("onstart_script_syncs_keys_and_supervises_the_agent") {
+    if !require_root("onstart_script_syncs_keys_and_supervises_the_agent") {
         return;
     }
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("onstart-secret-token"));
-    cp.load_fixture();
-    let url = cp.url();
-    tokio::task::spawn_blocking(move || onstart_scenario(&url))
-        .await
-        .unwrap();
-    drop(cp);
+    let s = Scenario::with_fixture().await;
+    s.cp.set_token(Some("onstart-secret-token"));
+    s.run(|s| onstart_scenario(&s.cp.url())).await;
 }
 
 fn onstart_scenario(url: &str) {
@@ -297,22 +270,16 @@ fn onstart_script_fits_the_onstart_field() {
 /// from the shipped file, each replacement asserted, so the test follows it.
 #[tokio::test(flavor = "multi_thread")]
 async fn packaged_config_waits_for_a_late_api_key() {
-    if !need_root("packaged_config_waits_for_a_late_api_key") {
+    if !require_root("packaged_config_waits_for_a_late_api_key") {
         return;
     }
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("late-key"));
-    cp.load_fixture();
-    let url = cp.url();
-    let cp = std::sync::Arc::new(cp);
-    let cp2 = cp.clone();
-    tokio::task::spawn_blocking(move || late_key_scenario(&url, &cp2))
-        .await
-        .unwrap();
+    let s = Scenario::with_fixture().await;
+    s.cp.set_token(Some("late-key"));
+    s.run(|s| late_key_scenario(&s.env, &s.cp)).await;
 }
 
-fn late_key_scenario(url: &str, cp: &FakeControlPlane) {
-    let env = TestEnv::new();
+fn late_key_scenario(env: &TestEnv, cp: &FakeControlPlane) {
+    let url = cp.url();
     let key_file = env.path().join("api-key");
     let shipped = std::fs::read_to_string(repo().join("packaging/config.toml")).unwrap();
     let mut config = shipped.clone();
@@ -353,16 +320,7 @@ fn late_key_scenario(url: &str, cp: &FakeControlPlane) {
     }
     env.write_config(&config);
 
-    let status = |args: &[&str]| {
-        Command::new(bin())
-            .arg("status")
-            .arg("--socket")
-            .arg(env.socket())
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    };
+    let status = |args: &[&str]| env.status(args);
     let mut agent = env.spawn_with(|cmd| {
         cmd.env_remove("VAST_API_KEY")
             .env_remove("CREDENTIALS_DIRECTORY");
@@ -423,8 +381,7 @@ fn late_key_scenario(url: &str, cp: &FakeControlPlane) {
 /// The shipped default config is accepted by `keysync check-config`.
 #[test]
 fn check_config_accepts_the_packaged_config() {
-    let out = Command::new(bin())
-        .args(["check-config", "--config"])
+    let out = keysync_cmd(&["check-config", "--config"])
         .arg(repo().join("packaging/config.toml"))
         .env_remove("KEYSYNC_CONFIG")
         .output()

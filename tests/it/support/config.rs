@@ -10,7 +10,7 @@ use std::path::Path;
 
 use toml::Value;
 
-use super::agent::TestEnv;
+use super::env::TestEnv;
 
 /// The key-value lines of one TOML table, in the order they were first set.
 #[derive(Debug, Clone, Default)]
