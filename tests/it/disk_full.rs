@@ -20,7 +20,7 @@ use crate::support::env::TestEnv;
 use crate::support::fake_cp::gen_ed25519_keys;
 use crate::support::files::FileState;
 use crate::support::http;
-use crate::support::scenario::Scenario;
+use crate::support::scenario::with_no_keys;
 use crate::support::{DEADLINE, eventually, require_root, sorted};
 
 const FOREIGN: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIN7rZ17cV9ag1ih2ph/mjt/dQyeQsJHFDMID9ZaAPkRi platform@host\n";
@@ -163,84 +163,80 @@ async fn full_and_read_only_file_systems_keep_the_old_file_and_recover_without_r
     ) {
         return;
     }
-    Scenario::new()
-        .await
-        .run(|s| {
-            let (cp, env) = (&s.cp, &s.env);
-            let keys = gen_ed25519_keys(40);
-            // Three keys; during the outage one is revoked and many are added.
-            let first = keys[..3].to_vec();
-            let revoked = keys[..2].to_vec();
-            let last: Vec<String> = keys[..2].iter().chain(&keys[3..]).cloned().collect();
-            cp.set_keys(first.clone());
+    with_no_keys(|s| {
+        let (cp, env) = (&s.cp, &s.env);
+        let keys = gen_ed25519_keys(40);
+        // Three keys; during the outage one is revoked and many are added.
+        let first = keys[..3].to_vec();
+        let revoked = keys[..2].to_vec();
+        let last: Vec<String> = keys[..2].iter().chain(&keys[3..]).cloned().collect();
+        cp.set_keys(first.clone());
 
-            let disks = Disks::mount(env);
-            let state_dir = disks.state.path.join("keysync");
-            let target = disks.home.path.join(".ssh/authorized_keys");
-            std::fs::create_dir_all(target.parent().expect("parent")).expect("mkdir .ssh");
-            std::fs::write(&target, FOREIGN).expect("target");
-            env.write_config(
-                Config::vast(env, &cp.url())
-                    .top("state_dir", state_dir.display().to_string())
-                    .only_user(User::block("root", &target)),
-            );
-            let agent = env.spawn_with(|cmd| {
-                cmd.env("KEYSYNC_LOG", "info");
-            });
-            let pid = agent.pid();
-            let holds = |want: &[String]| {
-                std::fs::read_to_string(&target).is_ok_and(|t| {
-                    t.starts_with(FOREIGN) && sorted(&block_keys(&t)) == sorted(want)
-                })
-            };
-            assert!(
-                eventually(DEADLINE, || holds(&first)),
-                "first keys never written:\n{}",
-                agent.log_tail()
-            );
-            assert!(
-                eventually(DEADLINE, || readyz(env) == Some(200)),
-                "never ready:\n{}",
-                agent.log_tail()
-            );
-            let before = FileState::of(&target);
-
-            // Full: a key revoked, nothing can be written anywhere.
-            let fillers = disks.fill();
-            cp.set_keys(revoked.clone());
-            wait_failed(env, &agent, "No space left on device");
+        let disks = Disks::mount(env);
+        let state_dir = disks.state.path.join("keysync");
+        let target = disks.home.path.join(".ssh/authorized_keys");
+        std::fs::create_dir_all(target.parent().expect("parent")).expect("mkdir .ssh");
+        std::fs::write(&target, FOREIGN).expect("target");
+        env.write_config(
+            Config::vast(env, &cp.url())
+                .top("state_dir", state_dir.display().to_string())
+                .only_user(User::block("root", &target)),
+        );
+        let agent = env.spawn_with(|cmd| {
+            cmd.env("KEYSYNC_LOG", "info");
+        });
+        let pid = agent.pid();
+        let holds = |want: &[String]| {
+            std::fs::read_to_string(&target)
+                .is_ok_and(|t| t.starts_with(FOREIGN) && sorted(&block_keys(&t)) == sorted(want))
+        };
+        assert!(
+            eventually(DEADLINE, || holds(&first)),
+            "first keys never written:\n{}",
+            agent.log_tail()
+        );
+        assert!(
+            eventually(DEADLINE, || readyz(env) == Some(200)),
+            "never ready:\n{}",
+            agent.log_tail()
+        );
+        let before = FileState::of(&target);
+        // The list changes while no write can succeed: the cause is
+        // reported, and the target stays as it was.
+        let change_fails = |keys: &[String], cause: &str, when: &str| {
+            cp.set_keys(keys.to_vec());
+            wait_failed(env, &agent, cause);
             assert_eq!(
                 FileState::of(&target),
                 before,
-                "the target changed while the disk was full"
+                "the target changed while {when}"
             );
+        };
 
-            // Read-only (and still full): many keys added.
-            disks.remount("ro");
-            cp.set_keys(last.clone());
-            wait_failed(env, &agent, "Read-only file system");
-            assert_eq!(
-                FileState::of(&target),
-                before,
-                "the target changed while read-only"
-            );
-            let status = env.try_status_json();
-            assert!(
-                status["users"]["root"]["fingerprints"]
-                    .as_array()
-                    .is_some_and(|f| f.len() == first.len()),
-                "status must show what the file holds, not what was wanted: {status:#}"
-            );
+        // Full: a key revoked, nothing can be written anywhere.
+        let fillers = disks.fill();
+        change_fails(&revoked, "No space left on device", "the disk was full");
 
-            // Space returns: the agent catches up by itself.
-            disks.remount("rw");
-            for filler in &fillers {
-                std::fs::remove_file(filler).expect("remove filler");
-            }
-            caught_up(env, agent, pid, &state_dir, &last, &keys[2], holds);
-            drop(disks);
-        })
-        .await;
+        // Read-only (and still full): many keys added.
+        disks.remount("ro");
+        change_fails(&last, "Read-only file system", "read-only");
+        let status = env.try_status_json();
+        assert!(
+            status["users"]["root"]["fingerprints"]
+                .as_array()
+                .is_some_and(|f| f.len() == first.len()),
+            "status must show what the file holds, not what was wanted: {status:#}"
+        );
+
+        // Space returns: the agent catches up by itself.
+        disks.remount("rw");
+        for filler in &fillers {
+            std::fs::remove_file(filler).expect("remove filler");
+        }
+        caught_up(env, agent, pid, &state_dir, &last, &keys[2], holds);
+        drop(disks);
+    })
+    .await;
 }
 
 /// After the space came back: the new keys land without a restart, the

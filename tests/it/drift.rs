@@ -14,7 +14,7 @@ use crate::support::env::TestEnv;
 use crate::support::eventually;
 use crate::support::fake_cp::{fixture_keys, gen_ed25519_keys};
 use crate::support::http;
-use crate::support::scenario::Scenario;
+use crate::support::scenario::with_fixture;
 
 /// Polls (every 2 ms, to measure) until the block holds `want`; returns how long that took.
 fn repaired_within(target: &Path, want: &[&str], timeout: Duration) -> Option<Duration> {
@@ -71,7 +71,7 @@ fn drift_and_repair(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn replaced_or_rewritten_file_gets_its_block_back() {
-    Scenario::with_fixture().await.run(|s| {
+    with_fixture(|s| {
         let [alice, bob, _] = fixture_keys();
         let want = [alice, bob];
         let env = &s.env;
@@ -119,43 +119,41 @@ async fn replaced_or_rewritten_file_gets_its_block_back() {
 /// counted, in spite of the watch seeing the agent's own first write.
 #[tokio::test(flavor = "multi_thread")]
 async fn nothing_changes_nothing_is_written() {
-    Scenario::with_fixture()
-        .await
-        .run(|s| {
-            let [alice, bob, _] = fixture_keys();
-            let (cp, env) = (&s.cp, &s.env);
-            let _agent = s.start(s.config(), &[alice, bob]);
-            // A few polls so the agent is in its steady state.
-            let settled = cp.request_count() + 3;
-            assert!(eventually(Duration::from_secs(10), || cp.request_count() >= settled));
-            let meta = std::fs::metadata(env.target()).unwrap();
-            let (ino, mtime, mtime_ns) = (meta.ino(), meta.mtime(), meta.mtime_nsec());
-            let writes = metric(env, "keysync_writes_total", &[("user", "root")]);
-            let last_write = env.status_json()["users"]["root"]["last_write"].clone();
-            let requests = cp.request_count();
+    with_fixture(|s| {
+        let [alice, bob, _] = fixture_keys();
+        let (cp, env) = (&s.cp, &s.env);
+        let _agent = s.start(s.config(), &[alice, bob]);
+        // A few polls so the agent is in its steady state.
+        let settled = cp.request_count() + 3;
+        assert!(eventually(Duration::from_secs(10), || cp.request_count() >= settled));
+        let meta = std::fs::metadata(env.target()).unwrap();
+        let (ino, mtime, mtime_ns) = (meta.ino(), meta.mtime(), meta.mtime_nsec());
+        let writes = metric(env, "keysync_writes_total", &[("user", "root")]);
+        let last_write = env.status_json()["users"]["root"]["last_write"].clone();
+        let requests = cp.request_count();
 
-            // At least 5 s and at least 10 more polls.
-            let started = Instant::now();
-            assert!(eventually(Duration::from_secs(30), || {
-                started.elapsed() >= Duration::from_secs(5) && cp.request_count() >= requests + 10
-            }));
-            let meta = std::fs::metadata(env.target()).unwrap();
-            assert_eq!(
-                (meta.ino(), meta.mtime(), meta.mtime_nsec()),
-                (ino, mtime, mtime_ns),
-                "the file was rewritten"
-            );
-            assert_eq!(
-                metric(env, "keysync_writes_total", &[("user", "root")]),
-                writes
-            );
-            assert_eq!(env.status_json()["users"]["root"]["last_write"], last_write);
-            assert_eq!(drift_repairs(env), 0);
-            assert!(
-                cp.stats().not_modified >= 10,
-                "polls were conditional: {:?}",
-                cp.stats()
-            );
-        })
-        .await;
+        // At least 5 s and at least 10 more polls.
+        let started = Instant::now();
+        assert!(eventually(Duration::from_secs(30), || {
+            started.elapsed() >= Duration::from_secs(5) && cp.request_count() >= requests + 10
+        }));
+        let meta = std::fs::metadata(env.target()).unwrap();
+        assert_eq!(
+            (meta.ino(), meta.mtime(), meta.mtime_nsec()),
+            (ino, mtime, mtime_ns),
+            "the file was rewritten"
+        );
+        assert_eq!(
+            metric(env, "keysync_writes_total", &[("user", "root")]),
+            writes
+        );
+        assert_eq!(env.status_json()["users"]["root"]["last_write"], last_write);
+        assert_eq!(drift_repairs(env), 0);
+        assert!(
+            cp.stats().not_modified >= 10,
+            "polls were conditional: {:?}",
+            cp.stats()
+        );
+    })
+    .await;
 }

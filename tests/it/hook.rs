@@ -8,7 +8,7 @@
 //! the crate the hook itself uses.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -17,7 +17,7 @@ use crate::support::config::{Config, User};
 use crate::support::env::{TestEnv, keysync_cmd};
 use crate::support::fake_cp::{fixture_keys, gen_ed25519_keys};
 use crate::support::scenario::Scenario;
-use crate::support::{current_user, eventually, text};
+use crate::support::{current_user, output_within, text};
 
 /// Runs the real binary as sshd would: no stdin, stdout and stderr captured.
 fn hook(args: &[&str]) -> Output {
@@ -176,22 +176,12 @@ fn missing_state_dir_prints_nothing_and_exits_0_without_waiting() {
         if state.ends_with("state-without-users") {
             std::fs::create_dir(&state).expect("mkdir");
         }
-        let mut child = keysync_cmd(&["authorized-keys"])
-            .arg(format!("--state-dir={}", state.display()))
-            .arg("root")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
+        let mut hook = keysync_cmd(&["authorized-keys"]);
+        hook.arg(format!("--state-dir={}", state.display()))
+            .arg("root");
         // "Promptly" means it does not wait for anything (no network, no
         // retries): it has exited long before this generous deadline.
-        let exited = eventually(Duration::from_secs(10), || {
-            matches!(child.try_wait(), Ok(Some(_)))
-        });
-        if !exited {
-            let _ = child.kill();
-        }
-        let out = child.wait_with_output().expect("wait");
+        let (exited, out) = output_within(&mut hook, Duration::from_secs(10));
         assert!(
             exited,
             "{}: the hook was still running after 10 s",

@@ -38,7 +38,7 @@ use crate::support::config::{Config, User};
 use crate::support::env::TestEnv;
 use crate::support::fake_cp::gen_ed25519_keys;
 use crate::support::files::{chmod, lchown};
-use crate::support::scenario::Scenario;
+use crate::support::scenario::with_no_keys;
 use crate::support::users::TestUser;
 use crate::support::{DEADLINE, eventually, require_root, sorted};
 
@@ -505,62 +505,60 @@ async fn zoo_of_hostile_homes_each_gets_its_defined_outcome_and_nothing_lands_el
     ) {
         return;
     }
-    Scenario::new()
-        .await
-        .run(|s| {
-            let (cp, env) = (&s.cp, &s.env);
-            let keys = gen_ed25519_keys(4);
-            cp.set_keys(keys[..2].to_vec());
-            let zoo = Zoo::build(env);
-            env.write_config(zoo.config(&cp.url(), env));
+    with_no_keys(|s| {
+        let (cp, env) = (&s.cp, &s.env);
+        let keys = gen_ed25519_keys(4);
+        cp.set_keys(keys[..2].to_vec());
+        let zoo = Zoo::build(env);
+        env.write_config(zoo.config(&cp.url(), env));
 
-            // The daemon: every user reported, the good ones written.
-            let agent = env.spawn();
-            let mut status = serde_json::Value::Null;
-            let settled = eventually(DEADLINE, || {
-                status = env.try_status_json();
-                zoo.settled(&status)
-            });
+        // The daemon: every user reported, the good ones written.
+        let agent = env.spawn();
+        let mut status = serde_json::Value::Null;
+        let settled = eventually(DEADLINE, || {
+            status = env.try_status_json();
+            zoo.settled(&status)
+        });
+        assert!(
+            settled,
+            "outcomes not reached: {status:#}\n{}",
+            agent.log_text()
+        );
+        zoo.check("daemon", &keys[..2], Some(&status));
+
+        // Nothing hangs: a change still reaches the good users.
+        cp.set_keys(keys[1..].to_vec());
+        let followed = eventually(DEADLINE, || {
+            zoo.good().all(|c| {
+                std::fs::read_to_string(c.target())
+                    .is_ok_and(|t| sorted(&block_keys(&t)) == sorted(&keys[1..]))
+            })
+        });
+        assert!(
+            followed,
+            "the good users stopped following the list:\n{}",
+            agent.log_text()
+        );
+        let status = env.try_status_json();
+        zoo.check("daemon after a change", &keys[1..], Some(&status));
+        let (exit, _) = agent.stop(Duration::from_secs(10));
+        assert!(exit.success(), "{exit:?}");
+
+        // run --once: the same outcomes, exit 1 because users failed.
+        cp.set_keys(keys[2..].to_vec());
+        let once = env.run_once_watched();
+        assert_eq!(once.code, 1, "{}", once.stderr);
+        for case in zoo.failing() {
             assert!(
-                settled,
-                "outcomes not reached: {status:#}\n{}",
-                agent.log_text()
+                once.stderr.contains(&case.user.name),
+                "run --once did not report {}:\n{}",
+                case.label,
+                once.stderr
             );
-            zoo.check("daemon", &keys[..2], Some(&status));
-
-            // Nothing hangs: a change still reaches the good users.
-            cp.set_keys(keys[1..].to_vec());
-            let followed = eventually(DEADLINE, || {
-                zoo.good().all(|c| {
-                    std::fs::read_to_string(c.target())
-                        .is_ok_and(|t| sorted(&block_keys(&t)) == sorted(&keys[1..]))
-                })
-            });
-            assert!(
-                followed,
-                "the good users stopped following the list:\n{}",
-                agent.log_text()
-            );
-            let status = env.try_status_json();
-            zoo.check("daemon after a change", &keys[1..], Some(&status));
-            let (exit, _) = agent.stop(Duration::from_secs(10));
-            assert!(exit.success(), "{exit:?}");
-
-            // run --once: the same outcomes, exit 1 because users failed.
-            cp.set_keys(keys[2..].to_vec());
-            let once = env.run_once_watched();
-            assert_eq!(once.code, 1, "{}", once.stderr);
-            for case in zoo.failing() {
-                assert!(
-                    once.stderr.contains(&case.user.name),
-                    "run --once did not report {}:\n{}",
-                    case.label,
-                    once.stderr
-                );
-            }
-            zoo.check("run --once", &keys[2..], None);
-        })
-        .await;
+        }
+        zoo.check("run --once", &keys[2..], None);
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------

@@ -235,6 +235,34 @@ async fn elsewhere(new_keys: &[String]) -> FakeControlPlane {
     other
 }
 
+/// The hostile server (serving `old_keys` until told otherwise), what its
+/// answers need to know, and an env whose config points at it, with
+/// `max_body` at 8 MiB so that the million elements reach the parser.
+fn hostiles(
+    old_keys: &[String],
+    new_keys: &[String],
+    elsewhere: String,
+) -> (Arc<Ctx>, RawServer, Mode, TestEnv) {
+    let ctx = Arc::new(Ctx {
+        new_keys: new_keys.to_vec(),
+        elsewhere,
+        endless_sent: AtomicUsize::new(0),
+    });
+    let (server, mode) = hostile_server(old_keys, ctx.clone());
+    let env = TestEnv::new();
+    env.write_config(Config::vast(&env, &server.url(LIST_PATH)).set("max_body", "8MiB"));
+    (ctx, server, mode, env)
+}
+
+/// No redirect was followed to the other origin.
+fn assert_never_asked(other: &FakeControlPlane) {
+    let seen = other.requests();
+    assert!(
+        seen.is_empty(),
+        "the other origin was asked (redirect followed): {seen:?}"
+    );
+}
+
 /// For each hostile answer: a good `run --once` writes the old keys, then a
 /// `run --once` against the hostile answer exits 1 with the expected error,
 /// in bounded time and memory, and leaves the target and cache untouched.
@@ -244,14 +272,7 @@ async fn run_once_keeps_the_keys_through_every_hostile_answer() {
     let other = elsewhere(&new_keys).await;
     let other_url = other.url();
     blocking(move || {
-        let ctx = Arc::new(Ctx {
-            new_keys: new_keys.clone(),
-            elsewhere: other_url,
-            endless_sent: AtomicUsize::new(0),
-        });
-        let (server, mode) = hostile_server(&old_keys, ctx.clone());
-        let env = TestEnv::new();
-        env.write_config(Config::vast(&env, &server.url(LIST_PATH)).set("max_body", "8MiB"));
+        let (ctx, server, mode, env) = hostiles(&old_keys, &new_keys, other_url);
         let first = env.run_once_watched();
         assert_eq!(first.code, 0, "{}", first.stderr);
         assert_eq!(
@@ -314,11 +335,7 @@ async fn run_once_keeps_the_keys_through_every_hostile_answer() {
                 "{r:?}"
             );
         }
-        let seen = other.requests();
-        assert!(
-            seen.is_empty(),
-            "the other origin was asked (redirect followed): {seen:?}"
-        );
+        assert_never_asked(&other);
     })
     .await;
 }
@@ -386,14 +403,7 @@ async fn daemon_rides_out_every_hostile_answer_and_follows_the_next_good_one() {
     let other = elsewhere(&new_keys).await;
     let other_url = other.url();
     blocking(move || {
-        let ctx = Arc::new(Ctx {
-            new_keys: new_keys.clone(),
-            elsewhere: other_url,
-            endless_sent: AtomicUsize::new(0),
-        });
-        let (server, mode) = hostile_server(&old_keys, ctx.clone());
-        let env = TestEnv::new();
-        env.write_config(Config::vast(&env, &server.url(LIST_PATH)).set("max_body", "8MiB"));
+        let (_, server, mode, env) = hostiles(&old_keys, &new_keys, other_url);
         let mut agent = env.spawn_with(|cmd| {
             cmd.env("KEYSYNC_LOG", "info");
         });
@@ -456,11 +466,7 @@ async fn daemon_rides_out_every_hostile_answer_and_follows_the_next_good_one() {
         assert!(agent.alive());
         let (status, _) = agent.stop(Duration::from_secs(10));
         assert!(status.success(), "{status:?}");
-        let seen = other.requests();
-        assert!(
-            seen.is_empty(),
-            "the other origin was asked (redirect followed): {seen:?}"
-        );
+        assert_never_asked(&other);
         drop(server);
     })
     .await;

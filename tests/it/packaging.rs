@@ -34,6 +34,18 @@ fn need_tool(test: &str, tool: &str) -> bool {
     can_run(test, (!found).then_some(missing.as_str()))
 }
 
+/// The generated man pages and completions in a temp dir (kept while the
+/// first value lives), for a test that checks them with `tool`; None (a
+/// loud skip) when the tool is not installed.
+fn generated_assets(test: &str, tool: &str) -> Option<(tempfile::TempDir, assets::Assets)> {
+    if !need_tool(test, tool) {
+        return None;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let generated = assets::generate(out.path()).unwrap();
+    Some((out, generated))
+}
+
 fn text(output: &Output) -> String {
     format!(
         "status {:?}\nstdout:\n{}\nstderr:\n{}",
@@ -400,11 +412,9 @@ fn check_config_accepts_the_packaged_config() {
 /// subcommand of the real CLI has its page with its options.
 #[test]
 fn man_pages_render() {
-    if !need_tool("man_pages_render", "man") {
+    let Some((_out, generated)) = generated_assets("man_pages_render", "man") else {
         return;
-    }
-    let out = tempfile::tempdir().unwrap();
-    let generated = assets::generate(out.path()).unwrap();
+    };
     let names: Vec<String> = generated
         .man_pages
         .iter()
@@ -480,11 +490,9 @@ fn man_pages_render() {
 /// for the same command.
 #[test]
 fn bash_completion_loads() {
-    if !need_tool("bash_completion_loads", "bash") {
+    let Some((_out, generated)) = generated_assets("bash_completion_loads", "bash") else {
         return;
-    }
-    let out = tempfile::tempdir().unwrap();
-    let generated = assets::generate(out.path()).unwrap();
+    };
     let spec = Command::new("bash")
         .arg("-c")
         .arg(r#"source "$1" && complete -p keysync"#)

@@ -17,7 +17,7 @@ use crate::support::files::mode;
 use crate::support::http::{self, healthz};
 use crate::support::metrics::{Exposition, Format, parse_exposition};
 use crate::support::notify::{NotifyInbox, is_ping};
-use crate::support::scenario::Scenario;
+use crate::support::scenario::{Scenario, with_fixture};
 
 /// An API key nothing else in the test could contain by accident.
 fn unique_secret() -> String {
@@ -394,65 +394,61 @@ async fn health_socket_endpoints_and_status_command() {
 /// 405 and `Allow: GET,HEAD`, and the agent goes on as before.
 #[tokio::test(flavor = "multi_thread")]
 async fn health_socket_refuses_writes() {
-    Scenario::with_fixture()
-        .await
-        .run(|s| {
-            s.env.write_config(s.config().set("interval", "60s"));
-            let mut agent = s.env.spawn();
-            let socket = s.env.socket();
-            assert!(eventually(Duration::from_secs(10), || healthz(&socket) == Some(200)));
-            for path in ["/healthz", "/readyz", "/status", "/metrics"] {
-                let answer = http::post(&socket, path, "ready=1\n");
-                assert_eq!(answer.status, 405, "POST {path}: {answer:?}");
-                assert_eq!(answer.header("allow"), Some("GET,HEAD"), "POST {path}");
-            }
-            assert!(agent.alive());
-            assert_eq!(healthz(&socket), Some(200));
-        })
-        .await;
+    with_fixture(|s| {
+        s.env.write_config(s.config().set("interval", "60s"));
+        let mut agent = s.env.spawn();
+        let socket = s.env.socket();
+        assert!(eventually(Duration::from_secs(10), || healthz(&socket) == Some(200)));
+        for path in ["/healthz", "/readyz", "/status", "/metrics"] {
+            let answer = http::post(&socket, path, "ready=1\n");
+            assert_eq!(answer.status, 405, "POST {path}: {answer:?}");
+            assert_eq!(answer.header("allow"), Some("GET,HEAD"), "POST {path}");
+        }
+        assert!(agent.alive());
+        assert_eq!(healthz(&socket), Some(200));
+    })
+    .await;
 }
 
 /// A socket left by a SIGKILLed agent is taken over at the next start; a
 /// live agent's socket is not.
 #[tokio::test(flavor = "multi_thread")]
 async fn stale_socket_is_replaced_and_a_live_one_is_not() {
-    Scenario::with_fixture()
-        .await
-        .run(|s| {
-            let env = &s.env;
-            env.write_config(s.config().set("interval", "60s"));
-            let socket = env.socket();
-            let first = env.spawn();
-            assert!(eventually(Duration::from_secs(10), || healthz(&socket) == Some(200)));
-            first.kill();
-            assert!(
-                std::fs::symlink_metadata(&socket).is_ok(),
-                "SIGKILL leaves the socket behind (the premise of this test)"
-            );
-            assert_eq!(healthz(&socket), None, "nobody listens on the stale socket");
+    with_fixture(|s| {
+        let env = &s.env;
+        env.write_config(s.config().set("interval", "60s"));
+        let socket = env.socket();
+        let first = env.spawn();
+        assert!(eventually(Duration::from_secs(10), || healthz(&socket) == Some(200)));
+        first.kill();
+        assert!(
+            std::fs::symlink_metadata(&socket).is_ok(),
+            "SIGKILL leaves the socket behind (the premise of this test)"
+        );
+        assert_eq!(healthz(&socket), None, "nobody listens on the stale socket");
 
-            let mut second = env.spawn();
-            assert!(
-                eventually(Duration::from_secs(10), || healthz(&socket) == Some(200)),
-                "the second agent did not take over the stale socket; log:\n{}",
-                second.log_text()
-            );
-            assert_eq!(mode(&socket), 0o660);
+        let mut second = env.spawn();
+        assert!(
+            eventually(Duration::from_secs(10), || healthz(&socket) == Some(200)),
+            "the second agent did not take over the stale socket; log:\n{}",
+            second.log_text()
+        );
+        assert_eq!(mode(&socket), 0o660);
 
-            // A third agent must not steal the socket of the live second one.
-            let third = env
-                .command(&["run", "--config", env.config_path().to_str().unwrap()])
-                .output()
-                .expect("third agent");
-            assert_eq!(third.status.code(), Some(1), "{third:?}");
-            assert!(
-                String::from_utf8_lossy(&third.stderr).contains("another agent"),
-                "{third:?}"
-            );
-            assert!(second.alive());
-            assert_eq!(healthz(&socket), Some(200));
-        })
-        .await;
+        // A third agent must not steal the socket of the live second one.
+        let third = env
+            .command(&["run", "--config", env.config_path().to_str().unwrap()])
+            .output()
+            .expect("third agent");
+        assert_eq!(third.status.code(), Some(1), "{third:?}");
+        assert!(
+            String::from_utf8_lossy(&third.stderr).contains("another agent"),
+            "{third:?}"
+        );
+        assert!(second.alive());
+        assert_eq!(healthz(&socket), Some(200));
+    })
+    .await;
 }
 
 /// The systemd protocol: READY=1 once the first sync attempt is done (the
@@ -460,63 +456,61 @@ async fn stale_socket_is_replaced_and_a_live_one_is_not() {
 /// STOPPING=1 on SIGTERM.
 #[tokio::test(flavor = "multi_thread")]
 async fn notify_ready_status_watchdog_stopping() {
-    Scenario::with_fixture()
-        .await
-        .run(|s| {
-            let env = &s.env;
-            env.write_config(s.config().set("interval", "60s"));
-            let (inbox, agent) = spawn_notified(env, |cmd| {
-                // 400 ms: a ping about every 200 ms.
-                cmd.env("WATCHDOG_USEC", "400000");
-            });
-            assert!(
-                inbox.wait_for(Duration::from_secs(10), |m| has_line(m, "READY=1")),
-                "no READY=1: {:?}; log:\n{}",
-                inbox.seen(),
-                agent.log_text()
-            );
-            // READY=1 follows the first sync: the keys are already written.
-            let [alice, bob, _] = fixture_keys();
-            assert_eq!(env.block_keys(), [alice, bob]);
-            let ready = ready_message(&inbox);
-            assert!(
-                ready
-                    .lines()
-                    .any(|l| l.starts_with("STATUS=in sync: 2 key(s)")),
-                "READY=1 carries the status line: {ready:?}"
-            );
+    with_fixture(|s| {
+        let env = &s.env;
+        env.write_config(s.config().set("interval", "60s"));
+        let (inbox, agent) = spawn_notified(env, |cmd| {
+            // 400 ms: a ping about every 200 ms.
+            cmd.env("WATCHDOG_USEC", "400000");
+        });
+        assert!(
+            inbox.wait_for(Duration::from_secs(10), |m| has_line(m, "READY=1")),
+            "no READY=1: {:?}; log:\n{}",
+            inbox.seen(),
+            agent.log_text()
+        );
+        // READY=1 follows the first sync: the keys are already written.
+        let [alice, bob, _] = fixture_keys();
+        assert_eq!(env.block_keys(), [alice, bob]);
+        let ready = ready_message(&inbox);
+        assert!(
+            ready
+                .lines()
+                .any(|l| l.starts_with("STATUS=in sync: 2 key(s)")),
+            "READY=1 carries the status line: {ready:?}"
+        );
 
-            // At least 10 pings; the rate is reported, not asserted.
-            let start = Instant::now();
-            let before = inbox.count(is_ping);
-            assert!(
-                inbox.wait_for_count(before + 10, Duration::from_secs(20), is_ping),
-                "fewer than 10 WATCHDOG=1 pings: {:?}",
-                inbox.seen()
-            );
-            let rate = 10.0 / start.elapsed().as_secs_f64();
-            println!(
-                "measured: WATCHDOG=1 pings at {rate:.2}/s with WATCHDOG_USEC=400000 (expected 5/s)"
-            );
+        // At least 10 pings; the rate is reported, not asserted.
+        let start = Instant::now();
+        let before = inbox.count(is_ping);
+        assert!(
+            inbox.wait_for_count(before + 10, Duration::from_secs(20), is_ping),
+            "fewer than 10 WATCHDOG=1 pings: {:?}",
+            inbox.seen()
+        );
+        let rate = 10.0 / start.elapsed().as_secs_f64();
+        println!(
+            "measured: WATCHDOG=1 pings at {rate:.2}/s with WATCHDOG_USEC=400000 (expected 5/s)"
+        );
 
-            let (status, _) = agent.stop(Duration::from_secs(10));
-            assert!(status.success(), "{status:?}");
-            assert!(
-                inbox.wait_for(Duration::from_secs(5), |m| has_line(m, "STOPPING=1")),
-                "no STOPPING=1 on SIGTERM: {:?}",
-                inbox.seen()
-            );
-            for msg in inbox.seen() {
-                for line in msg.lines() {
-                    assert!(
-                        ["READY=1", "WATCHDOG=1", "STOPPING=1"].contains(&line)
-                            || line.starts_with("STATUS="),
-                        "unexpected notify line {line:?}"
-                    );
-                }
+        let (status, _) = agent.stop(Duration::from_secs(10));
+        assert!(status.success(), "{status:?}");
+        assert!(
+            inbox.wait_for(Duration::from_secs(5), |m| has_line(m, "STOPPING=1")),
+            "no STOPPING=1 on SIGTERM: {:?}",
+            inbox.seen()
+        );
+        for msg in inbox.seen() {
+            for line in msg.lines() {
+                assert!(
+                    ["READY=1", "WATCHDOG=1", "STOPPING=1"].contains(&line)
+                        || line.starts_with("STATUS="),
+                    "unexpected notify line {line:?}"
+                );
             }
-        })
-        .await;
+        }
+    })
+    .await;
 }
 
 /// A control plane that never answers does not hold boot: READY=1 comes
@@ -592,65 +586,63 @@ fn run_once_logging(
 /// The default human format is not JSON but carries the same facts.
 #[tokio::test(flavor = "multi_thread")]
 async fn log_formats_json_and_human() {
-    Scenario::with_fixture()
-        .await
-        .run(|s| {
-            let [alice, bob, _] = fixture_keys();
-            let env = &s.env;
-            env.write_config(s.config().set("interval", "60s"));
-            let info = |cmd: &mut std::process::Command| {
-                cmd.env("KEYSYNC_LOG", "info");
-            };
+    with_fixture(|s| {
+        let [alice, bob, _] = fixture_keys();
+        let env = &s.env;
+        env.write_config(s.config().set("interval", "60s"));
+        let info = |cmd: &mut std::process::Command| {
+            cmd.env("KEYSYNC_LOG", "info");
+        };
 
-            let json = run_once_logging(env, "json", info);
-            let mut added = Vec::new();
-            for line in json.lines() {
-                let v: serde_json::Value = serde_json::from_str(line)
-                    .unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
-                assert!(
-                    v["level"].is_string() && v["timestamp"].is_string(),
-                    "{line}"
+        let json = run_once_logging(env, "json", info);
+        let mut added = Vec::new();
+        for line in json.lines() {
+            let v: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
+            assert!(
+                v["level"].is_string() && v["timestamp"].is_string(),
+                "{line}"
+            );
+            if v["fields"]["message"] == "key added" {
+                assert_eq!(v["fields"]["user"], "root", "{line}");
+                assert_eq!(v["fields"]["source"], "account", "{line}");
+                added.push(
+                    v["fields"]["fingerprint"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
                 );
-                if v["fields"]["message"] == "key added" {
-                    assert_eq!(v["fields"]["user"], "root", "{line}");
-                    assert_eq!(v["fields"]["source"], "account", "{line}");
-                    added.push(
-                        v["fields"]["fingerprint"]
-                            .as_str()
-                            .unwrap_or_default()
-                            .to_string(),
-                    );
-                }
             }
-            added.sort();
-            let mut want = vec![fingerprint(alice), fingerprint(bob)];
-            want.sort();
-            assert_eq!(added, want, "key added events in:\n{json}");
+        }
+        added.sort();
+        let mut want = vec![fingerprint(alice), fingerprint(bob)];
+        want.sort();
+        assert_eq!(added, want, "key added events in:\n{json}");
 
-            // An inherited JOURNAL_STREAM that is not this stderr (say,
-            // `keysync run 2>file` typed in a shell of some unit) must not send
-            // the logs away from stderr.
-            let inherited = run_once_logging(env, "json", |cmd| {
-                cmd.env("JOURNAL_STREAM", "1:1").env_remove("KEYSYNC_LOG");
-            });
-            assert!(inherited.contains("\"key added\""), "{inherited}");
+        // An inherited JOURNAL_STREAM that is not this stderr (say,
+        // `keysync run 2>file` typed in a shell of some unit) must not send
+        // the logs away from stderr.
+        let inherited = run_once_logging(env, "json", |cmd| {
+            cmd.env("JOURNAL_STREAM", "1:1").env_remove("KEYSYNC_LOG");
+        });
+        assert!(inherited.contains("\"key added\""), "{inherited}");
 
-            let human = run_once_logging(env, "human", info);
-            let line = human
-                .lines()
-                .find(|l| l.contains("key added") && l.contains(&fingerprint(alice)))
-                .unwrap_or_else(|| panic!("no key added line for alice:\n{human}"));
-            assert!(serde_json::from_str::<serde_json::Value>(line).is_err());
-            assert!(
-                line.contains("user=\"root\"") || line.contains("user=root"),
-                "{line}"
-            );
-            assert!(
-                line.contains("source=\"account\"") || line.contains("source=account"),
-                "{line}"
-            );
-        })
-        .await;
+        let human = run_once_logging(env, "human", info);
+        let line = human
+            .lines()
+            .find(|l| l.contains("key added") && l.contains(&fingerprint(alice)))
+            .unwrap_or_else(|| panic!("no key added line for alice:\n{human}"));
+        assert!(serde_json::from_str::<serde_json::Value>(line).is_err());
+        assert!(
+            line.contains("user=\"root\"") || line.contains("user=root"),
+            "{line}"
+        );
+        assert!(
+            line.contains("source=\"account\"") || line.contains("source=account"),
+            "{line}"
+        );
+    })
+    .await;
 }
 
 #[test]

@@ -23,9 +23,9 @@ use crate::support::block::block_keys;
 use crate::support::config::{Config, User};
 use crate::support::env::{TestEnv, bin};
 use crate::support::files::chmod;
-use crate::support::scenario::Scenario;
+use crate::support::scenario::{Scenario, with_no_keys};
 use crate::support::users::TestUser;
-use crate::support::{eventually, is_root, log_tail, text};
+use crate::support::{eventually, is_root, log_tail, output_within, text};
 
 const SSHD: &str = "/usr/sbin/sshd";
 
@@ -159,8 +159,8 @@ impl Sshd {
     /// `ssh … USER@127.0.0.1 true` with only `key`, no config files, no
     /// agent, no prompts. Fails the test if it has not finished after 60 s.
     fn ssh(&self, user: &str, key: &ClientKey) -> Output {
-        let mut child = Command::new("ssh")
-            .args(["-F", "/dev/null", "-i"])
+        let mut ssh = Command::new("ssh");
+        ssh.args(["-F", "/dev/null", "-i"])
             .arg(&key.private)
             .arg("-p")
             .arg(self.port.to_string())
@@ -183,18 +183,8 @@ impl Sshd {
             .arg(format!("{user}@127.0.0.1"))
             .arg("true")
             .env_remove("SSH_AUTH_SOCK")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ssh");
-        let finished = eventually(Duration::from_secs(60), || {
-            matches!(child.try_wait(), Ok(Some(_)))
-        });
-        if !finished {
-            let _ = child.kill();
-        }
-        let out = child.wait_with_output().expect("wait for ssh");
+            .stdin(Stdio::null());
+        let (finished, out) = output_within(&mut ssh, Duration::from_secs(60));
         assert!(
             finished,
             "ssh did not finish within 60 s\nsshd log:\n{}",
@@ -389,17 +379,18 @@ fn scenario(s: &Scenario, mode: Mode) {
         });
     let mut sshd = Sshd::start(env.path(), &sshd_config(env.path(), &user.name, mode, hook));
     let name = &user.name;
+    // The key put into authorized_keys by hand logs in throughout (block and fragment mode).
+    let foreign_logs_in = |sshd: &mut Sshd, when: &str| {
+        if has_foreign {
+            let why = format!("the key put into authorized_keys by hand, {when}");
+            sshd.assert_logs_in(name, &foreign, &why);
+        }
+    };
 
     // Before any sync, the account's key is not known to sshd: this sshd
     // does not let just any key in.
     sshd.assert_refused(name, &added_first, "before the first sync");
-    if has_foreign {
-        sshd.assert_logs_in(
-            name,
-            &foreign,
-            "the key put into authorized_keys by hand, before any sync",
-        );
-    }
+    foreign_logs_in(&mut sshd, "before any sync");
 
     sync(env, "first key on the account");
     sshd.assert_logs_in(name, &added_first, "the account's key after the first sync");
@@ -425,13 +416,7 @@ fn scenario(s: &Scenario, mode: Mode) {
         "the key deleted on the account must be refused after the sync (ssh exit 255)",
     );
     sshd.assert_logs_in(name, &added_later, "the key still on the account");
-    if has_foreign {
-        sshd.assert_logs_in(
-            name,
-            &foreign,
-            "the key put into authorized_keys by hand, after the syncs",
-        );
-    }
+    foreign_logs_in(&mut sshd, "after the syncs");
 
     // What ended up on disk, for each mode.
     let ssh_dir = user.home.join(".ssh");
@@ -473,7 +458,7 @@ fn scenario(s: &Scenario, mode: Mode) {
 /// Runs a scenario on a blocking thread (ssh, sshd and the agent block)
 /// while the fake control plane is served by the test's runtime.
 async fn run(mode: Mode) {
-    Scenario::new().await.run(move |s| scenario(&s, mode)).await;
+    with_no_keys(move |s| scenario(&s, mode)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

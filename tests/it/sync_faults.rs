@@ -12,7 +12,7 @@ use crate::support::config::Config;
 use crate::support::env::TestEnv;
 use crate::support::fake_cp::{Endpoint, FakeControlPlane, Fault, gen_ed25519_keys};
 use crate::support::files::FileState;
-use crate::support::scenario::{Scenario, TOKEN, wait_block};
+use crate::support::scenario::{Scenario, TOKEN, wait_block, with_no_keys};
 use crate::support::{DEADLINE, block::block_keys, eventually, http};
 
 /// `keysync_fetch_total{source="account",result=<result>}` from /metrics,
@@ -125,217 +125,211 @@ fn daemon_rides_out(s: &Scenario, agent: &mut Agent, name: &str, fault: Fault, n
 #[tokio::test(flavor = "multi_thread")]
 async fn daemon_keeps_the_file_through_every_fault_and_follows_the_next_change() {
     let handle = tokio::runtime::Handle::current();
-    Scenario::new()
-        .await
-        .run(move |s| {
-            let addr = s.cp.addr();
-            let pool = gen_ed25519_keys(6);
-            let mut step = 0;
-            s.cp.set_keys(step_keys(&pool, step));
-            let mut agent = s.start(s.config(), &step_keys(&pool, step));
-            for (name, fault) in faults() {
-                step += 1;
-                daemon_rides_out(&s, &mut agent, name, fault, &step_keys(&pool, step));
-            }
-
-            // Connection refused: the control plane's port is closed.
-            let Scenario { cp, env } = s;
-            let before = FileState::of(&env.target());
-            let generation = cp.generation();
-            handle.block_on(cp.shutdown());
-            let errors = fetch_count(&env, "error");
-            let counted = wait_failures(&env, &agent, errors, 3, "connection refused");
-            assert_eq!(
-                FileState::of(&env.target()),
-                before,
-                "connection refused: the target changed"
-            );
-            counted.unwrap_or_else(|e| panic!("{e}"));
-            assert!(agent.alive(), "connection refused: the daemon died");
-            assert!(
-                agent.log_text().to_ascii_lowercase().contains("refused"),
-                "the log does not say the connection was refused:\n{}",
-                agent.log_tail()
-            );
-            // Back on the same port, with a list the agent has not seen. The new
-            // fake counts generations from 1 again: move past the agent's ETag.
-            let restarted = (0..50).find_map(|_| {
-                handle
-                    .block_on(FakeControlPlane::start_on(addr))
-                    .ok()
-                    .or_else(|| {
-                        std::thread::sleep(Duration::from_millis(100));
-                        None
-                    })
-            });
-            let cp = restarted.expect("rebind the fake control plane on its old port");
-            cp.set_token(Some(TOKEN));
+    with_no_keys(move |s| {
+        let addr = s.cp.addr();
+        let pool = gen_ed25519_keys(6);
+        let mut step = 0;
+        s.cp.set_keys(step_keys(&pool, step));
+        let mut agent = s.start(s.config(), &step_keys(&pool, step));
+        for (name, fault) in faults() {
             step += 1;
-            while cp.generation() <= generation {
-                cp.set_keys(step_keys(&pool, step));
-            }
-            wait_block(
-                &env.target(),
-                &agent,
-                &step_keys(&pool, step),
-                "after the port reopened",
-            );
+            daemon_rides_out(&s, &mut agent, name, fault, &step_keys(&pool, step));
+        }
 
-            let (status, took) = agent.stop(Duration::from_secs(5));
-            assert!(
-                status.success(),
-                "daemon exit status {status:?} after {took:?}"
-            );
-        })
-        .await;
+        // Connection refused: the control plane's port is closed.
+        let Scenario { cp, env } = s;
+        let before = FileState::of(&env.target());
+        let generation = cp.generation();
+        handle.block_on(cp.shutdown());
+        let errors = fetch_count(&env, "error");
+        let counted = wait_failures(&env, &agent, errors, 3, "connection refused");
+        assert_eq!(
+            FileState::of(&env.target()),
+            before,
+            "connection refused: the target changed"
+        );
+        counted.unwrap_or_else(|e| panic!("{e}"));
+        assert!(agent.alive(), "connection refused: the daemon died");
+        assert!(
+            agent.log_text().to_ascii_lowercase().contains("refused"),
+            "the log does not say the connection was refused:\n{}",
+            agent.log_tail()
+        );
+        // Back on the same port, with a list the agent has not seen. The new
+        // fake counts generations from 1 again: move past the agent's ETag.
+        let restarted = (0..50).find_map(|_| {
+            handle
+                .block_on(FakeControlPlane::start_on(addr))
+                .ok()
+                .or_else(|| {
+                    std::thread::sleep(Duration::from_millis(100));
+                    None
+                })
+        });
+        let cp = restarted.expect("rebind the fake control plane on its old port");
+        cp.set_token(Some(TOKEN));
+        step += 1;
+        while cp.generation() <= generation {
+            cp.set_keys(step_keys(&pool, step));
+        }
+        wait_block(
+            &env.target(),
+            &agent,
+            &step_keys(&pool, step),
+            "after the port reopened",
+        );
+
+        let (status, took) = agent.stop(Duration::from_secs(5));
+        assert!(
+            status.success(),
+            "daemon exit status {status:?} after {took:?}"
+        );
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn run_once_under_every_fault_exits_1_and_keeps_the_file() {
-    Scenario::new()
-        .await
-        .run(|s| {
-            let (cp, env) = (&s.cp, &s.env);
-            let pool = gen_ed25519_keys(6);
-            cp.set_keys(step_keys(&pool, 0));
-            let config = s.config();
-            env.write_config(&config);
-            let (code, stderr) = env.run_once_exit();
-            assert_eq!(code, 0, "baseline run --once failed:\n{stderr}");
-            assert_eq!(
-                block_keys(&env.read_target().expect("target")),
-                step_keys(&pool, 0)
-            );
-            // A different list on the API: nothing a faulted run does may bring it in.
-            cp.set_keys(step_keys(&pool, 1));
+    with_no_keys(|s| {
+        let (cp, env) = (&s.cp, &s.env);
+        let pool = gen_ed25519_keys(6);
+        cp.set_keys(step_keys(&pool, 0));
+        let config = s.config();
+        env.write_config(&config);
+        let (code, stderr) = env.run_once_exit();
+        assert_eq!(code, 0, "baseline run --once failed:\n{stderr}");
+        assert_eq!(
+            block_keys(&env.read_target().expect("target")),
+            step_keys(&pool, 0)
+        );
+        // A different list on the API: nothing a faulted run does may bring it in.
+        cp.set_keys(step_keys(&pool, 1));
 
-            for (name, fault) in faults() {
-                let before = FileState::of(&env.target());
-                let seen = cp.request_count();
-                cp.set_fault(fault, None);
-                let (code, stderr) = env.run_once_exit();
-                cp.clear_fault();
-                assert_eq!(code, 1, "{name}: run --once exit code\n{stderr}");
-                assert_eq!(
-                    FileState::of(&env.target()),
-                    before,
-                    "{name}: the target changed\n{stderr}"
-                );
-                assert!(
-                    cp.requests()[seen..].iter().any(|r| r.fault.is_some()),
-                    "{name}: the fault was never met"
-                );
-            }
-
-            // Connection refused: a port nobody listens on.
-            let closed = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("pick a port");
-            let url = format!("http://{closed}/api/v0/ssh/");
-            env.write_config(Config::vast(env, &url));
+        for (name, fault) in faults() {
             let before = FileState::of(&env.target());
+            let seen = cp.request_count();
+            cp.set_fault(fault, None);
             let (code, stderr) = env.run_once_exit();
-            assert_eq!(
-                code, 1,
-                "connection refused: run --once exit code\n{stderr}"
-            );
+            cp.clear_fault();
+            assert_eq!(code, 1, "{name}: run --once exit code\n{stderr}");
             assert_eq!(
                 FileState::of(&env.target()),
                 before,
-                "connection refused: the target changed"
+                "{name}: the target changed\n{stderr}"
             );
+            assert!(
+                cp.requests()[seen..].iter().any(|r| r.fault.is_some()),
+                "{name}: the fault was never met"
+            );
+        }
 
-            // And with the API back, the new list arrives: the faults above did not
-            // leave the state dir in a state that blocks a later good answer.
-            env.write_config(&config);
-            let (code, stderr) = env.run_once_exit();
-            assert_eq!(code, 0, "run --once after the faults:\n{stderr}");
-            assert_eq!(
-                block_keys(&env.read_target().expect("target")),
-                step_keys(&pool, 1)
-            );
-        })
-        .await;
+        // Connection refused: a port nobody listens on.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("pick a port");
+        let url = format!("http://{closed}/api/v0/ssh/");
+        env.write_config(Config::vast(env, &url));
+        let before = FileState::of(&env.target());
+        let (code, stderr) = env.run_once_exit();
+        assert_eq!(
+            code, 1,
+            "connection refused: run --once exit code\n{stderr}"
+        );
+        assert_eq!(
+            FileState::of(&env.target()),
+            before,
+            "connection refused: the target changed"
+        );
+
+        // And with the API back, the new list arrives: the faults above did not
+        // leave the state dir in a state that blocks a later good answer.
+        env.write_config(&config);
+        let (code, stderr) = env.run_once_exit();
+        assert_eq!(code, 0, "run --once after the faults:\n{stderr}");
+        assert_eq!(
+            block_keys(&env.read_target().expect("target")),
+            step_keys(&pool, 1)
+        );
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_carry_the_contract_headers_and_304_keeps_the_file() {
-    Scenario::new()
-        .await
-        .run(|s| {
-            let (cp, env) = (&s.cp, &s.env);
-            let pool = gen_ed25519_keys(3);
-            cp.set_keys(pool.clone());
-            let agent = s.start(s.config(), &pool);
-            let before = FileState::of(&env.target());
-            let etag = cp.etag();
-            // Several polls of an unchanged list: conditional, answered 304.
-            let ok = eventually(DEADLINE, || {
-                cp.requests()
-                    .iter()
-                    .filter(|r| r.status == Some(304))
-                    .count()
-                    >= 4
-            });
-            assert!(ok, "no 304s: {:#?}", cp.requests());
-            assert_eq!(
-                FileState::of(&env.target()),
-                before,
-                "a 304 changed the target"
-            );
-            let (status, _) = agent.stop(Duration::from_secs(5));
-            assert!(status.success());
-
-            let requests = cp.requests();
-            let list: Vec<_> = requests
+    with_no_keys(|s| {
+        let (cp, env) = (&s.cp, &s.env);
+        let pool = gen_ed25519_keys(3);
+        cp.set_keys(pool.clone());
+        let agent = s.start(s.config(), &pool);
+        let before = FileState::of(&env.target());
+        let etag = cp.etag();
+        // Several polls of an unchanged list: conditional, answered 304.
+        let ok = eventually(DEADLINE, || {
+            cp.requests()
                 .iter()
-                .filter(|r| r.endpoint == Endpoint::List)
-                .collect();
-            let version = env!("CARGO_PKG_VERSION");
-            for r in &list {
-                assert_eq!(r.method, "GET");
-                assert_eq!(
-                    r.authorization.as_deref(),
-                    Some("Bearer test-token"),
-                    "{r:?}"
-                );
-                assert_eq!(r.accept.as_deref(), Some("application/json"), "{r:?}");
-                assert_eq!(
-                    r.user_agent.as_deref(),
-                    Some(format!("keysync/{version}").as_str()),
-                    "{r:?}"
-                );
-            }
-            // A fresh state dir: the first request is unconditional; every one
-            // after the first 200 names the ETag it carried.
-            assert_eq!(list[0].if_none_match, None, "{:?}", list[0]);
-            assert_eq!(list[0].status, Some(200));
-            for r in &list[1..] {
-                assert_eq!(r.if_none_match.as_deref(), Some(etag.as_str()), "{r:?}");
-            }
+                .filter(|r| r.status == Some(304))
+                .count()
+                >= 4
+        });
+        assert!(ok, "no 304s: {:#?}", cp.requests());
+        assert_eq!(
+            FileState::of(&env.target()),
+            before,
+            "a 304 changed the target"
+        );
+        let (status, _) = agent.stop(Duration::from_secs(5));
+        assert!(status.success());
 
-            // The ETag is persisted: a restarted agent's very first request is conditional.
-            cp.clear_requests();
-            let agent = env.spawn();
-            let ok = eventually(DEADLINE, || cp.request_count() >= 1);
-            assert!(ok, "the restarted agent sent no request");
-            let first = cp.requests()[0].clone();
+        let requests = cp.requests();
+        let list: Vec<_> = requests
+            .iter()
+            .filter(|r| r.endpoint == Endpoint::List)
+            .collect();
+        let version = env!("CARGO_PKG_VERSION");
+        for r in &list {
+            assert_eq!(r.method, "GET");
             assert_eq!(
-                first.if_none_match.as_deref(),
-                Some(etag.as_str()),
-                "{first:?}"
+                r.authorization.as_deref(),
+                Some("Bearer test-token"),
+                "{r:?}"
             );
-            assert_eq!(first.status, Some(304));
+            assert_eq!(r.accept.as_deref(), Some("application/json"), "{r:?}");
             assert_eq!(
-                FileState::of(&env.target()),
-                before,
-                "a restart with a 304 changed the target"
+                r.user_agent.as_deref(),
+                Some(format!("keysync/{version}").as_str()),
+                "{r:?}"
             );
-            let (status, _) = agent.stop(Duration::from_secs(5));
-            assert!(status.success());
-            // The token is a secret: not in the log, even at debug level.
-            let log = std::fs::read_to_string(env.path().join("agent.log")).expect("log");
-            assert!(!log.contains("test-token"), "the API key is in the log");
-        })
-        .await;
+        }
+        // A fresh state dir: the first request is unconditional; every one
+        // after the first 200 names the ETag it carried.
+        assert_eq!(list[0].if_none_match, None, "{:?}", list[0]);
+        assert_eq!(list[0].status, Some(200));
+        for r in &list[1..] {
+            assert_eq!(r.if_none_match.as_deref(), Some(etag.as_str()), "{r:?}");
+        }
+
+        // The ETag is persisted: a restarted agent's very first request is conditional.
+        cp.clear_requests();
+        let agent = env.spawn();
+        let ok = eventually(DEADLINE, || cp.request_count() >= 1);
+        assert!(ok, "the restarted agent sent no request");
+        let first = cp.requests()[0].clone();
+        assert_eq!(
+            first.if_none_match.as_deref(),
+            Some(etag.as_str()),
+            "{first:?}"
+        );
+        assert_eq!(first.status, Some(304));
+        assert_eq!(
+            FileState::of(&env.target()),
+            before,
+            "a restart with a 304 changed the target"
+        );
+        let (status, _) = agent.stop(Duration::from_secs(5));
+        assert!(status.success());
+        // The token is a secret: not in the log, even at debug level.
+        let log = std::fs::read_to_string(env.path().join("agent.log")).expect("log");
+        assert!(!log.contains("test-token"), "the API key is in the log");
+    })
+    .await;
 }

@@ -16,6 +16,7 @@ pub mod raw_http;
 pub mod scenario;
 pub mod users;
 
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// Generous deadline for "eventually" conditions on a loaded 2-core machine.
@@ -69,6 +70,24 @@ pub fn can_run(test: &str, missing: Option<&str>) -> bool {
 /// For tests that need root (users, chown, mounts, sshd).
 pub fn require_root(test: &str) -> bool {
     can_run(test, (!is_root()).then_some("it needs root"))
+}
+
+/// Runs `cmd` with stdout and stderr captured for up to `within` and kills
+/// it after that; returns whether it exited in time, and what it printed.
+pub fn output_within(cmd: &mut Command, within: Duration) -> (bool, Output) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let exited = eventually(within, || matches!(child.try_wait(), Ok(Some(_))));
+    if !exited {
+        let _ = child.kill();
+    }
+    (
+        exited,
+        child.wait_with_output().expect("wait for the child"),
+    )
 }
 
 /// A sorted copy, for comparing key sets.

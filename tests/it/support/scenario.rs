@@ -98,3 +98,18 @@ fn wait_block_where(
         agent.log_tail()
     );
 }
+
+/// Runs the blocking `body` with a [`Scenario::with_fixture`].
+pub async fn with_fixture<T: Send + 'static>(
+    body: impl FnOnce(Scenario) -> T + Send + 'static,
+) -> T {
+    Scenario::with_fixture().await.run(body).await
+}
+
+/// Runs the blocking `body` with a [`Scenario::new`]: the fake serves no
+/// keys until the body sets them.
+pub async fn with_no_keys<T: Send + 'static>(
+    body: impl FnOnce(Scenario) -> T + Send + 'static,
+) -> T {
+    Scenario::new().await.run(body).await
+}
