@@ -6,7 +6,7 @@
 //! under a racing writer; symlinks planted by users are never written
 //! through; hostile keys never reach the file; the last good keys come back
 //! from the state dir with the API down; SIGTERM/SIGINT stop cleanly.
-//! Failure answers of the control plane are in tests/sync_faults.rs.
+//! Failure answers of the control plane are in sync_faults.rs.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
