@@ -58,6 +58,113 @@ fn replace_file(path: &Path, content: &[u8], tmp_name: &str) {
 // ---------------------------------------------------------------------------
 // 1. Following the API
 
+/// In `shape`: the fixture's two keys, one added, bob removed, the added
+/// one soft-deleted (the array shapes keep it with `deleted_at`, the
+/// object shape leaves it out); the block follows each step.
+fn follows_shape(s: &Scenario, agent: &Agent, shape: Shape, extra: &str) {
+    let (cp, env) = (&s.cp, &s.env);
+    let [alice, bob, _] = fixture_keys().map(str::to_string);
+    let extra = extra.to_string();
+    let what = format!("{shape:?}");
+    cp.set_shape(shape);
+    cp.set_keys([alice.clone(), bob.clone()]);
+    wait_block(env, agent, &[alice.clone(), bob.clone()], &what);
+    cp.add_key(&extra);
+    wait_block(
+        env,
+        agent,
+        &[alice.clone(), bob.clone(), extra.clone()],
+        &format!("{what}: added"),
+    );
+    assert!(cp.remove_key(&bob));
+    wait_block(
+        env,
+        agent,
+        &[alice.clone(), extra.clone()],
+        &format!("{what}: removed"),
+    );
+    assert!(cp.soft_delete(&extra));
+    let body = served_body(cp);
+    if shape == Shape::ObjectSshKeys {
+        assert!(
+            !body.contains(&extra),
+            "{what}: the object shape lists a deleted key"
+        );
+    } else {
+        // The array shapes keep the entry, with deleted_at set.
+        assert!(
+            body.contains(&extra) && body.contains("\"deleted_at\":\"2"),
+            "{what}: {body}"
+        );
+    }
+    wait_block(
+        env,
+        agent,
+        std::slice::from_ref(&alice),
+        &format!("{what}: soft-deleted"),
+    );
+}
+
+/// The fixture files of the design, replayed byte for byte, each after a
+/// list of only `other`: each brings exactly alice and bob.
+fn follows_the_fixture_files(s: &Scenario, agent: &Agent, other: &str) {
+    let (cp, env) = (&s.cp, &s.env);
+    let [alice, bob, _] = fixture_keys().map(str::to_string);
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/control-plane");
+    for name in [
+        "list-array-key.json",
+        "list-array-public-key.json",
+        "list-object-ssh-keys.json",
+    ] {
+        cp.set_keys([other]);
+        wait_block(env, agent, &[other.to_string()], name);
+        let body = std::fs::read_to_string(fixtures.join(name)).expect("fixture");
+        cp.set_fault(Fault::json_body(body), None);
+        wait_block(env, agent, &[alice.clone(), bob.clone()], name);
+        cp.clear_fault();
+    }
+}
+
+/// The authoritative empty list, 404 "No SSH keys found", after `keys`:
+/// removing them all is a mass removal, written only after a second fetch
+/// confirmed it; the file that held only the block and the hook's cache
+/// are left empty.
+fn obeys_the_no_keys_404(s: &Scenario, agent: &Agent, keys: &[String]) {
+    let (cp, env) = (&s.cp, &s.env);
+    cp.set_keys(keys.to_vec());
+    wait_block(env, agent, keys, "before the 404");
+    let seen = cp.request_count();
+    cp.set_keys(Vec::<String>::new());
+    let gone = eventually(DEADLINE, || {
+        env.read_target()
+            .is_some_and(|t| !t.contains("# BEGIN keysync") && !t.contains("# END keysync"))
+    });
+    let no_keys_404s = cp.requests()[seen..]
+        .iter()
+        .filter(|r| r.endpoint == Endpoint::List && r.status == Some(404))
+        .count();
+    assert!(
+        gone,
+        "the no-keys 404 did not remove the block: {:?}\n{}",
+        env.read_target(),
+        agent.log_tail()
+    );
+    assert!(
+        no_keys_404s >= 2,
+        "the removal was written after {no_keys_404s} no-keys 404(s), without confirmation"
+    );
+    assert_eq!(
+        env.read_target().as_deref(),
+        Some(""),
+        "only the block was in the file"
+    );
+    assert_eq!(
+        env.cache("root").as_deref(),
+        Some(""),
+        "the hook cache must be empty"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn daemon_follows_every_shape_ignores_soft_deleted_and_obeys_the_no_keys_404() {
     with_fixture(|s| {
@@ -70,104 +177,14 @@ async fn daemon_follows_every_shape_ignores_soft_deleted_and_obeys_the_no_keys_4
         wait_block(env, &agent, &[alice.clone(), bob.clone()], "fixture list");
         assert!(!env.read_target().unwrap_or_default().contains(&retired));
 
-        for (i, shape) in [Shape::ArrayKey, Shape::ArrayPublicKey, Shape::ObjectSshKeys]
+        for (shape, extra) in [Shape::ArrayKey, Shape::ArrayPublicKey, Shape::ObjectSshKeys]
             .into_iter()
-            .enumerate()
+            .zip(&extra)
         {
-            let what = format!("{shape:?}");
-            cp.set_shape(shape);
-            cp.set_keys([alice.clone(), bob.clone()]);
-            wait_block(env, &agent, &[alice.clone(), bob.clone()], &what);
-            cp.add_key(&extra[i]);
-            wait_block(
-                env,
-                &agent,
-                &[alice.clone(), bob.clone(), extra[i].clone()],
-                &format!("{what}: added"),
-            );
-            assert!(cp.remove_key(&bob));
-            wait_block(
-                env,
-                &agent,
-                &[alice.clone(), extra[i].clone()],
-                &format!("{what}: removed"),
-            );
-            assert!(cp.soft_delete(&extra[i]));
-            let body = served_body(cp);
-            if shape == Shape::ObjectSshKeys {
-                assert!(
-                    !body.contains(&extra[i]),
-                    "{what}: the object shape lists a deleted key"
-                );
-            } else {
-                // The array shapes keep the entry, with deleted_at set.
-                assert!(
-                    body.contains(&extra[i]) && body.contains("\"deleted_at\":\"2"),
-                    "{what}: {body}"
-                );
-            }
-            wait_block(
-                env,
-                &agent,
-                std::slice::from_ref(&alice),
-                &format!("{what}: soft-deleted"),
-            );
+            follows_shape(&s, &agent, shape, extra);
         }
-
-        // The fixture files of the design, replayed byte for byte.
-        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/control-plane");
-        for name in [
-            "list-array-key.json",
-            "list-array-public-key.json",
-            "list-object-ssh-keys.json",
-        ] {
-            cp.set_keys([extra[3].clone()]);
-            wait_block(env, &agent, std::slice::from_ref(&extra[3]), name);
-            let body = std::fs::read_to_string(fixtures.join(name)).expect("fixture");
-            cp.set_fault(Fault::json_body(body), None);
-            wait_block(env, &agent, &[alice.clone(), bob.clone()], name);
-            cp.clear_fault();
-        }
-
-        // The authoritative empty list: 404 "No SSH keys found". Removing all
-        // three keys is a mass removal, confirmed by a second fetch.
-        cp.set_keys([alice.clone(), bob.clone(), extra[0].clone()]);
-        wait_block(
-            env,
-            &agent,
-            &[alice.clone(), bob.clone(), extra[0].clone()],
-            "before the 404",
-        );
-        let seen = cp.request_count();
-        cp.set_keys(Vec::<String>::new());
-        let gone = eventually(DEADLINE, || {
-            env.read_target()
-                .is_some_and(|t| !t.contains("# BEGIN keysync") && !t.contains("# END keysync"))
-        });
-        let no_keys_404s = cp.requests()[seen..]
-            .iter()
-            .filter(|r| r.endpoint == Endpoint::List && r.status == Some(404))
-            .count();
-        assert!(
-            gone,
-            "the no-keys 404 did not remove the block: {:?}\n{}",
-            env.read_target(),
-            agent.log_tail()
-        );
-        assert!(
-            no_keys_404s >= 2,
-            "the removal was written after {no_keys_404s} no-keys 404(s), without confirmation"
-        );
-        assert_eq!(
-            env.read_target().as_deref(),
-            Some(""),
-            "only the block was in the file"
-        );
-        assert_eq!(
-            env.cache("root").as_deref(),
-            Some(""),
-            "the hook cache must be empty"
-        );
+        follows_the_fixture_files(&s, &agent, &extra[3]);
+        obeys_the_no_keys_404(&s, &agent, &[alice.clone(), bob.clone(), extra[0].clone()]);
 
         // And keys come back after the empty list.
         cp.set_keys([bob.clone()]);
@@ -410,15 +427,26 @@ async fn racing_writer_keeps_its_line_and_the_block_follows_the_api() {
 // ---------------------------------------------------------------------------
 // 4. Symlinks in homes users control
 
-#[tokio::test(flavor = "multi_thread")]
-async fn planted_symlinks_are_never_written_through_and_root_links_are_followed() {
-    if !require_root("planted_symlinks_are_never_written_through_and_root_links_are_followed") {
-        return;
-    }
-    with_no_keys(|s| {
-        let (cp, env) = (&s.cp, &s.env);
-        let keys = gen_ed25519_keys(2);
-        cp.set_keys(keys.clone());
+/// Homes with links planted in them, next to root's own files: `a`'s
+/// `authorized_keys` links to a root-owned file, `b`'s `.ssh` to a
+/// root-owned directory; `c`'s `.ssh` and root's are root-owned links to
+/// their own 0700 directories, which sshd's rule lets the agent follow.
+struct Planted {
+    a: TestUser,
+    b: TestUser,
+    c: TestUser,
+    secret: PathBuf,
+    secret_before: FileState,
+    root_dir: PathBuf,
+    a_ssh: PathBuf,
+    a_link: PathBuf,
+    b_link: PathBuf,
+    c_real: PathBuf,
+    root_real: PathBuf,
+}
+
+impl Planted {
+    fn plant(env: &TestEnv) -> Planted {
         // Homes live below the test dir; users must be able to reach them.
         chmod(env.path(), 0o755);
 
@@ -463,90 +491,131 @@ async fn planted_symlinks_are_never_written_through_and_root_links_are_followed(
         let home = env.path().join("home");
         std::fs::create_dir(&home).expect("mkdir");
         std::os::unix::fs::symlink(&root_real, home.join(".ssh")).expect("symlink");
+        Planted {
+            a,
+            b,
+            c,
+            secret,
+            secret_before,
+            root_dir,
+            a_ssh,
+            a_link,
+            b_link,
+            c_real,
+            root_real,
+        }
+    }
 
-        let config = [&a, &b, &c].iter().fold(s.config(), |config, u| {
-            config.user(User::block(&u.name, "~/.ssh/authorized_keys"))
-        });
-        env.write_config(config);
+    /// `config` with a, b and c added at their default path.
+    fn config(&self, config: Config) -> Config {
+        [&self.a, &self.b, &self.c]
+            .iter()
+            .fold(config, |config, u| {
+                config.user(User::block(&u.name, "~/.ssh/authorized_keys"))
+            })
+    }
+
+    /// The files of the users that must be written: root's and c's.
+    fn good_files(&self) -> [PathBuf; 2] {
+        [
+            self.root_real.join("authorized_keys"),
+            self.c_real.join("authorized_keys"),
+        ]
+    }
+
+    /// Nothing was written through a's or b's link, and the links are as planted.
+    fn check_untouched(&self, what: &str) {
+        assert_eq!(
+            FileState::of(&self.secret),
+            self.secret_before,
+            "{what}: the root-owned file was written through a's link"
+        );
+        assert_eq!(
+            std::fs::read_link(&self.a_link).ok().as_deref(),
+            Some(self.secret.as_path()),
+            "{what}: a's link"
+        );
+        assert_eq!(
+            std::fs::read_link(&self.b_link).ok().as_deref(),
+            Some(self.root_dir.as_path()),
+            "{what}: b's link"
+        );
+        let in_root_dir: Vec<_> = std::fs::read_dir(&self.root_dir)
+            .expect("ls")
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert!(
+            in_root_dir.is_empty(),
+            "{what}: written into the root-only dir: {in_root_dir:?}"
+        );
+        assert!(
+            temp_files(&self.a_ssh).is_empty(),
+            "{what}: temp files left in a's .ssh"
+        );
+    }
+}
+
+/// Whether the agent has dealt with `user`: an error, or a write.
+fn dealt_with(status: &serde_json::Value, user: &TestUser) -> bool {
+    let u = &status["users"][&user.name];
+    !u["last_error"].is_null() || !u["last_write"].is_null()
+}
+
+/// Whether `user` is reported failed for a symlink.
+fn failed_for_symlink(status: &serde_json::Value, user: &TestUser) -> bool {
+    status["users"][&user.name]["last_error"]
+        .as_str()
+        .is_some_and(|e| e.contains("symlink"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn planted_symlinks_are_never_written_through_and_root_links_are_followed() {
+    if !require_root("planted_symlinks_are_never_written_through_and_root_links_are_followed") {
+        return;
+    }
+    with_no_keys(|s| {
+        let (cp, env) = (&s.cp, &s.env);
+        let keys = gen_ed25519_keys(2);
+        cp.set_keys(keys.clone());
+        let p = Planted::plant(env);
+        env.write_config(p.config(s.config()));
         let agent = env.spawn();
 
+        let [root_file, c_file] = p.good_files();
         wait_block_any_order(
-            &root_real.join("authorized_keys"),
+            &root_file,
             &agent,
             &keys,
             "root through its root-owned link",
         );
-        wait_block_any_order(
-            &c_real.join("authorized_keys"),
-            &agent,
-            &keys,
-            "c through the root-owned link",
-        );
-        let c_file = std::fs::metadata(c_real.join("authorized_keys")).expect("c file");
+        wait_block_any_order(&c_file, &agent, &keys, "c through the root-owned link");
+        let c_meta = std::fs::metadata(&c_file).expect("c file");
         assert_eq!(
-            (c_file.uid(), c_file.mode() & 0o7777),
-            (c.uid, 0o600),
+            (c_meta.uid(), c_meta.mode() & 0o7777),
+            (p.c.uid, 0o600),
             "c's file owner and mode"
         );
-        let check_untouched = |what: &str| {
-            assert_eq!(
-                FileState::of(&secret),
-                secret_before,
-                "{what}: the root-owned file was written through a's link"
-            );
-            assert_eq!(
-                std::fs::read_link(&a_link).ok().as_deref(),
-                Some(secret.as_path()),
-                "{what}: a's link"
-            );
-            assert_eq!(
-                std::fs::read_link(&b_link).ok().as_deref(),
-                Some(root_dir.as_path()),
-                "{what}: b's link"
-            );
-            let in_root_dir: Vec<_> = std::fs::read_dir(&root_dir)
-                .expect("ls")
-                .flatten()
-                .map(|e| e.path())
-                .collect();
-            assert!(
-                in_root_dir.is_empty(),
-                "{what}: written into the root-only dir: {in_root_dir:?}"
-            );
-            assert!(
-                temp_files(&a_ssh).is_empty(),
-                "{what}: temp files left in a's .ssh"
-            );
-        };
         // Wait until a and b were dealt with (an error, or a write: the
         // latter would be the bug), then look at what is on disk first.
-        let dealt_with = |s: &serde_json::Value, u: &TestUser| {
-            let u = &s["users"][&u.name];
-            !u["last_error"].is_null() || !u["last_write"].is_null()
-        };
         let mut status = serde_json::Value::Null;
         let done = eventually(DEADLINE, || {
             status = env.status_json();
-            dealt_with(&status, &a) && dealt_with(&status, &b)
+            dealt_with(&status, &p.a) && dealt_with(&status, &p.b)
         });
-        check_untouched("daemon");
+        p.check_untouched("daemon");
         assert!(
             done,
             "a and b never dealt with: {status:#}\n{}",
             agent.log_tail()
         );
         // Both are reported failed, for the symlink.
-        let failed = |s: &serde_json::Value, u: &TestUser| {
-            s["users"][&u.name]["last_error"]
-                .as_str()
-                .is_some_and(|e| e.contains("symlink"))
-        };
         assert!(
-            failed(&status, &a) && failed(&status, &b),
+            failed_for_symlink(&status, &p.a) && failed_for_symlink(&status, &p.b),
             "planted links not reported: {status:#}\n{}",
             agent.log_tail()
         );
-        for u in ["root", c.name.as_str()] {
+        for u in ["root", p.c.name.as_str()] {
             assert!(
                 status["users"][u]["last_error"].is_null(),
                 "{u} reported failed: {status:#}"
@@ -565,16 +634,13 @@ async fn planted_symlinks_are_never_written_through_and_root_links_are_followed(
         let (code, stderr) = env.run_once_exit();
         assert_eq!(code, 1, "{stderr}");
         assert!(stderr.contains("symlink"), "{stderr}");
-        check_untouched("run --once");
+        p.check_untouched("run --once");
         // A key change still reaches the good users in the same pass.
         let more = gen_ed25519_keys(3);
         cp.set_keys(more.clone());
         let (code, stderr) = env.run_once_exit();
         assert_eq!(code, 1, "{stderr}");
-        for path in [
-            root_real.join("authorized_keys"),
-            c_real.join("authorized_keys"),
-        ] {
+        for path in p.good_files() {
             let text = std::fs::read_to_string(&path).expect("written");
             assert_eq!(
                 sorted(&block_keys(&text)),
@@ -583,8 +649,7 @@ async fn planted_symlinks_are_never_written_through_and_root_links_are_followed(
                 path.display()
             );
         }
-        check_untouched("run --once after a change");
-        drop((a, b, c));
+        p.check_untouched("run --once after a change");
     })
     .await;
 }
@@ -650,6 +715,38 @@ fn dss_line() -> String {
     )
 }
 
+/// An `ssh-dss` public key line: made by ssh-keygen where it still makes
+/// DSA keys, else [`dss_line`].
+fn dss_key(dir: &Path) -> String {
+    let dss = Command::new("ssh-keygen")
+        .args(["-q", "-N", "", "-t", "dsa", "-f"])
+        .arg(dir.join("old-dsa"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|_| std::fs::read_to_string(dir.join("old-dsa.pub")).ok())
+        .map(|s| s.trim_end().to_string())
+        .unwrap_or_else(dss_line);
+    assert!(dss.starts_with("ssh-dss "), "{dss}");
+    dss
+}
+
+/// `ssh-keygen -l` lists each line, alone in a file in `dir`, as one key.
+fn assert_openssh_accepts(dir: &Path, lines: &[String]) {
+    std::fs::create_dir(dir).expect("mkdir");
+    for (i, line) in lines.iter().enumerate() {
+        let file = dir.join(format!("line-{i}"));
+        std::fs::write(&file, format!("{line}\n")).expect("write line");
+        let out = ssh_keygen(&["-l", "-f", file.to_str().expect("utf-8")]);
+        let listed = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            listed.lines().count(),
+            1,
+            "ssh-keygen -l on {line:?}: {listed}"
+        );
+    }
+}
+
 /// The base64 blob of a key line (the second field), or of the line itself.
 fn blob_of(line: &str) -> &str {
     line.split_whitespace().nth(1).unwrap_or(line)
@@ -667,16 +764,7 @@ async fn hostile_keys_never_reach_the_file() {
         let (rsa_pub, _) = keypair(&keys_dir, "real-rsa3072", &["-t", "rsa", "-b", "3072"]);
         let (ecdsa_pub, _) = keypair(&keys_dir, "real-ecdsa", &["-t", "ecdsa", "-b", "256"]);
         let (rsa1024_pub, _) = keypair(&keys_dir, "weak-rsa1024", &["-t", "rsa", "-b", "1024"]);
-        let dss = Command::new("ssh-keygen")
-            .args(["-q", "-N", "", "-t", "dsa", "-f"])
-            .arg(keys_dir.join("old-dsa"))
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .and_then(|_| std::fs::read_to_string(keys_dir.join("old-dsa.pub")).ok())
-            .map(|s| s.trim_end().to_string())
-            .unwrap_or_else(dss_line);
-        assert!(dss.starts_with("ssh-dss "), "{dss}");
+        let dss = dss_key(&keys_dir);
         let blob = |i: usize| blob_of(&pool[i]).to_string();
 
         let hostile: Vec<(&str, String)> = vec![
@@ -768,19 +856,7 @@ async fn hostile_keys_never_reach_the_file() {
         );
 
         // Each written line is a key OpenSSH itself accepts.
-        let check_dir = env.path().join("ssh-keygen-check");
-        std::fs::create_dir(&check_dir).expect("mkdir");
-        for (i, line) in lines.iter().enumerate() {
-            let file = check_dir.join(format!("line-{i}"));
-            std::fs::write(&file, format!("{line}\n")).expect("write line");
-            let out = ssh_keygen(&["-l", "-f", file.to_str().expect("utf-8")]);
-            let listed = String::from_utf8_lossy(&out.stdout);
-            assert_eq!(
-                listed.lines().count(),
-                1,
-                "ssh-keygen -l on {line:?}: {listed}"
-            );
-        }
+        assert_openssh_accepts(&env.path().join("ssh-keygen-check"), &lines);
     })
     .await;
 }
