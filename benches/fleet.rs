@@ -23,7 +23,7 @@
 //! Run: `cargo bench --bench fleet` (KEYSYNC_FLEET_AGENTS=N to choose the
 //! size). Prints markdown. Every agent is stopped at the end, also on panic.
 
-#[path = "../tests/support/fake_cp.rs"]
+#[path = "../tests/it/support/fake_cp.rs"]
 mod fake_cp;
 
 #[path = "common/mod.rs"]

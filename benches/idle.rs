@@ -22,7 +22,7 @@
 //!
 //! Run: `cargo bench --bench idle` (window via KEYSYNC_BENCH_IDLE_SECS). Prints markdown.
 
-#[path = "../tests/support/fake_cp.rs"]
+#[path = "../tests/it/support/fake_cp.rs"]
 mod fake_cp;
 
 #[path = "common/mod.rs"]

@@ -17,7 +17,7 @@
 //! Run: `cargo bench --bench propagation` (counts via KEYSYNC_BENCH_SUB_SAMPLES,
 //! default 200, and KEYSYNC_BENCH_POLL_SAMPLES, default 50). Prints markdown.
 
-#[path = "../tests/support/fake_cp.rs"]
+#[path = "../tests/it/support/fake_cp.rs"]
 mod fake_cp;
 
 #[path = "common/mod.rs"]

@@ -16,7 +16,7 @@
 //!
 //! Run: `cargo bench --bench sync_pass` (sizes via KEYSYNC_BENCH_SIZES, e.g. "10,1000,10000,100000").
 
-#[path = "../tests/support/fake_cp.rs"]
+#[path = "../tests/it/support/fake_cp.rs"]
 mod fake_cp;
 
 #[path = "common/mod.rs"]

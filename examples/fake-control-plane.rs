@@ -13,7 +13,7 @@
 
 #![allow(dead_code)]
 
-#[path = "../tests/support/fake_cp.rs"]
+#[path = "../tests/it/support/fake_cp.rs"]
 mod fake_cp;
 
 use std::net::SocketAddr;

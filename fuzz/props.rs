@@ -2,7 +2,7 @@
 //!
 //! Each `check_*` function takes the fuzzer's raw bytes and panics when a
 //! property fails. The fuzz targets (`fuzz/fuzz_targets/*.rs`) call them
-//! under libFuzzer; `tests/fuzz_replay.rs` includes this file with
+//! under libFuzzer; `tests/it/fuzz_replay.rs` includes this file with
 //! `#[path]` and feeds it every committed seed and regression in
 //! `fuzz/corpus-seed/<target>/`, so CI checks the same properties on stable
 //! Rust without a fuzzer. Only `keysync`, `serde_json` and `std` are used, so

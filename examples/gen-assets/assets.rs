@@ -3,7 +3,7 @@
 //! so they can never drift from the real command line.
 //!
 //! Used by the `gen-assets` example (which the packaging scripts run) and
-//! included into `tests/packaging.rs` with `#[path]`, so the test checks
+//! included into `tests/it/packaging.rs` with `#[path]`, so the test checks
 //! exactly what the packages ship.
 
 use std::io::Write;

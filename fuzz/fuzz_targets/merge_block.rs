@@ -1,5 +1,5 @@
 //! Fuzzes render::merge_block and render::managed_lines; the properties are in fuzz/props.rs,
-//! shared with tests/fuzz_replay.rs.
+//! shared with tests/it/fuzz_replay.rs.
 
 #![no_main]
 

@@ -1,5 +1,5 @@
 //! Fuzzes keys::parse_entry and Key::line; the properties are in fuzz/props.rs,
-//! shared with tests/fuzz_replay.rs.
+//! shared with tests/it/fuzz_replay.rs.
 
 #![no_main]
 

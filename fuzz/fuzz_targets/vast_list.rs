@@ -1,5 +1,5 @@
 //! Fuzzes format::parse_list and format::says_no_ssh_keys; the properties are in fuzz/props.rs,
-//! shared with tests/fuzz_replay.rs.
+//! shared with tests/it/fuzz_replay.rs.
 
 #![no_main]
 

@@ -9,137 +9,19 @@
 //! carries keys that would change the file were it believed; the file, the
 //! hook cache and the agent's memory stay as they were.
 
-mod support;
-
-use std::io::{BufRead, BufReader, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::io::Write;
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
-use support::agent::{TestEnv, bin, block_keys, blocking, eventually};
-use support::fake_cp::{FakeControlPlane, gen_ed25519_keys};
-
-/// Generous deadline for "eventually" conditions on a loaded 2-core machine.
-const DEADLINE: Duration = Duration::from_secs(20);
-/// A `run --once` that has not exited by then hangs (timeouts are 2 s).
-const HANG: Duration = Duration::from_secs(60);
-const LIST_PATH: &str = "/api/v0/ssh/";
-
-// ---------------------------------------------------------------------------
-// A raw HTTP/1.1 server
-
-/// One request head as the raw server read it.
-#[derive(Debug, Clone)]
-struct RawRequest {
-    path: String,
-    /// Header names lowercased.
-    headers: Vec<(String, String)>,
-}
-
-impl RawRequest {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-type Answer = dyn Fn(&RawRequest, &mut TcpStream) + Send + Sync;
-
-/// Accepts connections on 127.0.0.1:0, reads each request head, logs it and
-/// lets `answer` write whatever it likes; the connection is closed after.
-/// Stops accepting on drop.
-struct RawServer {
-    addr: SocketAddr,
-    log: Arc<Mutex<Vec<RawRequest>>>,
-    stop: Arc<AtomicBool>,
-}
-
-impl RawServer {
-    fn start(answer: Arc<Answer>) -> RawServer {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let addr = listener.local_addr().expect("addr");
-        let log: Arc<Mutex<Vec<RawRequest>>> = Arc::default();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (log2, stop2) = (log.clone(), stop.clone());
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if stop2.load(Ordering::Relaxed) {
-                    return;
-                }
-                let Ok(mut stream) = conn else { continue };
-                let (log, answer) = (log2.clone(), answer.clone());
-                std::thread::spawn(move || {
-                    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-                    let Some(request) = read_head(&stream) else {
-                        return;
-                    };
-                    log.lock().expect("log").push(request.clone());
-                    answer(&request, &mut stream);
-                    let _ = stream.flush();
-                    let _ = stream.shutdown(Shutdown::Both);
-                });
-            }
-        });
-        RawServer { addr, log, stop }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}{LIST_PATH}", self.addr)
-    }
-
-    fn requests(&self) -> Vec<RawRequest> {
-        self.log.lock().expect("log").clone()
-    }
-}
-
-impl Drop for RawServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        // Wake the accept loop so it sees the flag.
-        let _ = TcpStream::connect(self.addr);
-    }
-}
-
-fn read_head(stream: &TcpStream) -> Option<RawRequest> {
-    let mut reader = BufReader::new(stream.try_clone().ok()?);
-    let mut first = String::new();
-    reader.read_line(&mut first).ok()?;
-    let path = first.split(' ').nth(1)?.to_string();
-    let mut headers = Vec::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).ok()? == 0 {
-            return None;
-        }
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
-        }
-        let (name, value) = line.split_once(':')?;
-        headers.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
-    }
-    Some(RawRequest { path, headers })
-}
-
-/// A complete answer with a Content-Length.
-fn respond(stream: &mut TcpStream, status: &str, headers: &[(&str, String)], body: &[u8]) {
-    let mut head = format!(
-        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str("\r\n");
-    let _ = stream.write_all(head.as_bytes());
-    let _ = stream.write_all(body);
-}
+use crate::support::block::block_keys;
+use crate::support::config::Config;
+use crate::support::env::TestEnv;
+use crate::support::fake_cp::{FakeControlPlane, LIST_PATH, gen_ed25519_keys};
+use crate::support::files::FileState;
+use crate::support::raw_http::{RawRequest, RawServer, respond};
+use crate::support::{DEADLINE, blocking, eventually, sorted};
 
 fn list_body(keys: &[String]) -> Vec<u8> {
     let elements: Vec<serde_json::Value> = keys
@@ -339,94 +221,6 @@ fn hostile_server(good_keys: &[String], ctx: Arc<Ctx>) -> (RawServer, Mode) {
 // ---------------------------------------------------------------------------
 // Running the agent
 
-/// What "unchanged" means: same bytes, inode and mtime.
-#[derive(Debug, PartialEq, Eq)]
-struct FileState {
-    bytes: Vec<u8>,
-    ino: u64,
-    mtime: SystemTime,
-}
-
-fn file_state(path: &Path) -> FileState {
-    let meta =
-        std::fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    FileState {
-        bytes: std::fs::read(path).expect("read"),
-        ino: meta.ino(),
-        mtime: meta.modified().expect("mtime"),
-    }
-}
-
-struct OnceResult {
-    code: i32,
-    stderr: String,
-    /// Peak resident memory of the `run --once` process, in KiB.
-    max_rss_kib: i64,
-}
-
-/// `keysync run --once`, reaped with wait4 for its own peak RSS; a run
-/// that outlives [`HANG`] is killed and reported as hung.
-fn run_once(env: &TestEnv) -> OnceResult {
-    let stderr_path = env.path().join(format!("once-{}.log", fastrand::u64(..)));
-    let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
-    let child = Command::new(bin())
-        .args(["run", "--once", "--config"])
-        .arg(env.config_path())
-        .env("KEYSYNC_TEST_API_KEY", "test-token")
-        .env("KEYSYNC_LOG", "info")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("JOURNAL_STREAM")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .expect("spawn keysync");
-    let pid = child.id() as i32;
-    let started = Instant::now();
-    let mut status = 0;
-    // SAFETY: rusage is plain old data; zeroed is a valid value.
-    let mut usage: nix::libc::rusage = unsafe { std::mem::zeroed() };
-    loop {
-        // SAFETY: pid is our own child, not yet reaped (std's Child never waits
-        // unless asked); status and usage are valid out-pointers.
-        let reaped = unsafe { nix::libc::wait4(pid, &mut status, nix::libc::WNOHANG, &mut usage) };
-        if reaped == pid {
-            break;
-        }
-        assert!(reaped == 0, "wait4: {}", std::io::Error::last_os_error());
-        if started.elapsed() > HANG {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            // SAFETY: as above.
-            unsafe { nix::libc::wait4(pid, &mut status, 0, &mut usage) };
-            panic!(
-                "run --once hung for {HANG:?}:\n{}",
-                std::fs::read_to_string(&stderr_path).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    drop(child);
-    let code = if nix::libc::WIFEXITED(status) {
-        nix::libc::WEXITSTATUS(status)
-    } else {
-        -1
-    };
-    OnceResult {
-        code,
-        stderr: std::fs::read_to_string(&stderr_path).unwrap_or_default(),
-        max_rss_kib: usage.ru_maxrss,
-    }
-}
-
-fn sorted(keys: &[String]) -> Vec<String> {
-    let mut v = keys.to_vec();
-    v.sort();
-    v
-}
-
 fn keys_pair() -> (Vec<String>, Vec<String>) {
     let all = gen_ed25519_keys(6);
     (all[..3].to_vec(), all[3..].to_vec())
@@ -441,6 +235,34 @@ async fn elsewhere(new_keys: &[String]) -> FakeControlPlane {
     other
 }
 
+/// The hostile server (serving `old_keys` until told otherwise), what its
+/// answers need to know, and an env whose config points at it, with
+/// `max_body` at 8 MiB so that the million elements reach the parser.
+fn hostiles(
+    old_keys: &[String],
+    new_keys: &[String],
+    elsewhere: String,
+) -> (Arc<Ctx>, RawServer, Mode, TestEnv) {
+    let ctx = Arc::new(Ctx {
+        new_keys: new_keys.to_vec(),
+        elsewhere,
+        endless_sent: AtomicUsize::new(0),
+    });
+    let (server, mode) = hostile_server(old_keys, ctx.clone());
+    let env = TestEnv::new();
+    env.write_config(Config::vast(&env, &server.url(LIST_PATH)).set("max_body", "8MiB"));
+    (ctx, server, mode, env)
+}
+
+/// No redirect was followed to the other origin.
+fn assert_never_asked(other: &FakeControlPlane) {
+    let seen = other.requests();
+    assert!(
+        seen.is_empty(),
+        "the other origin was asked (redirect followed): {seen:?}"
+    );
+}
+
 /// For each hostile answer: a good `run --once` writes the old keys, then a
 /// `run --once` against the hostile answer exits 1 with the expected error,
 /// in bounded time and memory, and leaves the target and cache untouched.
@@ -450,23 +272,16 @@ async fn run_once_keeps_the_keys_through_every_hostile_answer() {
     let other = elsewhere(&new_keys).await;
     let other_url = other.url();
     blocking(move || {
-        let ctx = Arc::new(Ctx {
-            new_keys: new_keys.clone(),
-            elsewhere: other_url,
-            endless_sent: AtomicUsize::new(0),
-        });
-        let (server, mode) = hostile_server(&old_keys, ctx.clone());
-        let env = TestEnv::new();
-        env.write_config(&env.config_for(&server.url(), "max_body = \"8MiB\"", ""));
-        let first = run_once(&env);
+        let (ctx, server, mode, env) = hostiles(&old_keys, &new_keys, other_url);
+        let first = env.run_once_watched();
         assert_eq!(first.code, 0, "{}", first.stderr);
         assert_eq!(
             sorted(&block_keys(&env.read_target().expect("target"))),
             sorted(&old_keys)
         );
         let cache = env.state_dir().join("users/root.keys");
-        let target_before = file_state(&env.target());
-        let cache_before = file_state(&cache);
+        let target_before = FileState::of(&env.target());
+        let cache_before = FileState::of(&cache);
 
         let expected_error = |kind: Hostile| match kind {
             Hostile::SlowDrip => "timed out",
@@ -479,7 +294,7 @@ async fn run_once_keeps_the_keys_through_every_hostile_answer() {
         };
         for kind in ALL_HOSTILE {
             set_mode(&mode, Some(kind));
-            let out = run_once(&env);
+            let out = env.run_once_watched();
             eprintln!(
                 "{kind:?}: exit {}, peak RSS {} KiB",
                 out.code, out.max_rss_kib
@@ -492,12 +307,12 @@ async fn run_once_keeps_the_keys_through_every_hostile_answer() {
                 out.stderr
             );
             assert_eq!(
-                file_state(&env.target()),
+                FileState::of(&env.target()),
                 target_before,
                 "{kind:?} changed the target"
             );
             assert_eq!(
-                file_state(&cache),
+                FileState::of(&cache),
                 cache_before,
                 "{kind:?} changed the hook cache"
             );
@@ -520,11 +335,7 @@ async fn run_once_keeps_the_keys_through_every_hostile_answer() {
                 "{r:?}"
             );
         }
-        let seen = other.requests();
-        assert!(
-            seen.is_empty(),
-            "the other origin was asked (redirect followed): {seen:?}"
-        );
+        assert_never_asked(&other);
     })
     .await;
 }
@@ -553,11 +364,11 @@ async fn same_origin_redirect_is_followed_with_the_credentials() {
             }
         }));
         let env = TestEnv::new();
-        env.write_config(&env.config_for(&server.url(), "", ""));
-        let first = run_once(&env);
+        env.write_config(Config::vast(&env, &server.url(LIST_PATH)));
+        let first = env.run_once_watched();
         assert_eq!(first.code, 0, "{}", first.stderr);
         moved.store(true, Ordering::Relaxed);
-        let out = run_once(&env);
+        let out = env.run_once_watched();
         assert_eq!(out.code, 0, "{}", out.stderr);
         assert_eq!(
             sorted(&block_keys(&env.read_target().expect("target"))),
@@ -592,14 +403,7 @@ async fn daemon_rides_out_every_hostile_answer_and_follows_the_next_good_one() {
     let other = elsewhere(&new_keys).await;
     let other_url = other.url();
     blocking(move || {
-        let ctx = Arc::new(Ctx {
-            new_keys: new_keys.clone(),
-            elsewhere: other_url,
-            endless_sent: AtomicUsize::new(0),
-        });
-        let (server, mode) = hostile_server(&old_keys, ctx.clone());
-        let env = TestEnv::new();
-        env.write_config(&env.config_for(&server.url(), "max_body = \"8MiB\"", ""));
+        let (_, server, mode, env) = hostiles(&old_keys, &new_keys, other_url);
         let mut agent = env.spawn_with(|cmd| {
             cmd.env("KEYSYNC_LOG", "info");
         });
@@ -608,7 +412,7 @@ async fn daemon_rides_out_every_hostile_answer_and_follows_the_next_good_one() {
                 .is_some_and(|t| sorted(&block_keys(&t)) == sorted(&old_keys))
         });
         assert!(ok, "old keys never written:\n{}", agent.log_text());
-        let before = file_state(&env.target());
+        let before = FileState::of(&env.target());
 
         for kind in ALL_HOSTILE {
             let seen = server.requests().len();
@@ -626,7 +430,7 @@ async fn daemon_rides_out_every_hostile_answer_and_follows_the_next_good_one() {
                 agent.log_text()
             );
             assert_eq!(
-                file_state(&env.target()),
+                FileState::of(&env.target()),
                 before,
                 "{kind:?} changed the target"
             );
@@ -662,11 +466,7 @@ async fn daemon_rides_out_every_hostile_answer_and_follows_the_next_good_one() {
         assert!(agent.alive());
         let (status, _) = agent.stop(Duration::from_secs(10));
         assert!(status.success(), "{status:?}");
-        let seen = other.requests();
-        assert!(
-            seen.is_empty(),
-            "the other origin was asked (redirect followed): {seen:?}"
-        );
+        assert_never_asked(&other);
         drop(server);
     })
     .await;
@@ -691,8 +491,8 @@ fn a_flood_of_invalid_entries_is_summarised_not_logged_line_by_line() {
         json_ok(stream, &body)
     }));
     let env = TestEnv::new();
-    env.write_config(&env.config_for(&server.url(), "max_body = \"16MiB\"", ""));
-    let out = run_once(&env);
+    env.write_config(Config::vast(&env, &server.url(LIST_PATH)).set("max_body", "16MiB"));
+    let out = env.run_once_watched();
     assert_eq!(out.code, 0, "{}", &out.stderr[..out.stderr.len().min(2000)]);
     assert_eq!(
         sorted(&block_keys(&env.read_target().expect("target"))),

@@ -5,36 +5,22 @@
 //! the .deb/.rpm themselves is `.ci/packaging`'s job (it needs root, a
 //! Debian root file system and the packaging tools).
 
-mod support;
-
-#[path = "../examples/gen-assets/assets.rs"]
+#[path = "../../examples/gen-assets/assets.rs"]
 mod assets;
 
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
 
-use support::agent::{TestEnv, bin, block_keys, eventually, is_root};
-use support::fake_cp::{FakeControlPlane, fixture_keys};
-
-const DEADLINE: Duration = Duration::from_secs(20);
+use crate::support::block::block_keys;
+use crate::support::env::{TestEnv, bin, keysync_cmd};
+use crate::support::fake_cp::{FakeControlPlane, fixture_keys};
+use crate::support::files::mode;
+use crate::support::scenario::Scenario;
+use crate::support::{DEADLINE, can_run, eventually, require_root};
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Tests that chown files or write as root: loud skip outside CI, failure in CI.
-fn need_root(test: &str) -> bool {
-    if is_root() {
-        return true;
-    }
-    eprintln!("!!!!! {test}: NOT RUN, needs root (CI runs it as root) !!!!!");
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test} needs root under CI"
-    );
-    false
 }
 
 /// A tool the test needs: present, or a loud skip outside CI and a failure in CI.
@@ -44,14 +30,20 @@ fn need_tool(test: &str, tool: &str) -> bool {
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if !found {
-        eprintln!("!!!!! {test}: NOT RUN, `{tool}` is not installed (.ci/run installs it) !!!!!");
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{test} needs {tool} under CI"
-        );
+    let missing = format!("`{tool}` is not installed (.ci/run installs it)");
+    can_run(test, (!found).then_some(missing.as_str()))
+}
+
+/// The generated man pages and completions in a temp dir (kept while the
+/// first value lives), for a test that checks them with `tool`; None (a
+/// loud skip) when the tool is not installed.
+fn generated_assets(test: &str, tool: &str) -> Option<(tempfile::TempDir, assets::Assets)> {
+    if !need_tool(test, tool) {
+        return None;
     }
-    found
+    let out = tempfile::tempdir().unwrap();
+    let generated = assets::generate(out.path()).unwrap();
+    Some((out, generated))
 }
 
 fn text(output: &Output) -> String {
@@ -61,10 +53,6 @@ fn text(output: &Output) -> String {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     )
-}
-
-fn mode(path: &Path) -> u32 {
-    std::fs::metadata(path).expect("stat").permissions().mode() & 0o7777
 }
 
 fn pid_alive(pid: i32) -> bool {
@@ -132,17 +120,12 @@ impl Drop for Supervisor {
 /// supervisor stops both processes.
 #[tokio::test(flavor = "multi_thread")]
 async fn onstart_script_syncs_keys_and_supervises_the_agent() {
-    if !need_root("onstart_script_syncs_keys_and_supervises_the_agent") {
+    if !require_root("onstart_script_syncs_keys_and_supervises_the_agent") {
         return;
     }
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("onstart-secret-token"));
-    cp.load_fixture();
-    let url = cp.url();
-    tokio::task::spawn_blocking(move || onstart_scenario(&url))
-        .await
-        .unwrap();
-    drop(cp);
+    let s = Scenario::with_fixture().await;
+    s.cp.set_token(Some("onstart-secret-token"));
+    s.run(|s| onstart_scenario(&s.cp.url())).await;
 }
 
 fn onstart_scenario(url: &str) {
@@ -299,22 +282,16 @@ fn onstart_script_fits_the_onstart_field() {
 /// from the shipped file, each replacement asserted, so the test follows it.
 #[tokio::test(flavor = "multi_thread")]
 async fn packaged_config_waits_for_a_late_api_key() {
-    if !need_root("packaged_config_waits_for_a_late_api_key") {
+    if !require_root("packaged_config_waits_for_a_late_api_key") {
         return;
     }
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("late-key"));
-    cp.load_fixture();
-    let url = cp.url();
-    let cp = std::sync::Arc::new(cp);
-    let cp2 = cp.clone();
-    tokio::task::spawn_blocking(move || late_key_scenario(&url, &cp2))
-        .await
-        .unwrap();
+    let s = Scenario::with_fixture().await;
+    s.cp.set_token(Some("late-key"));
+    s.run(|s| late_key_scenario(&s.env, &s.cp)).await;
 }
 
-fn late_key_scenario(url: &str, cp: &FakeControlPlane) {
-    let env = TestEnv::new();
+fn late_key_scenario(env: &TestEnv, cp: &FakeControlPlane) {
+    let url = cp.url();
     let key_file = env.path().join("api-key");
     let shipped = std::fs::read_to_string(repo().join("packaging/config.toml")).unwrap();
     let mut config = shipped.clone();
@@ -355,16 +332,7 @@ fn late_key_scenario(url: &str, cp: &FakeControlPlane) {
     }
     env.write_config(&config);
 
-    let status = |args: &[&str]| {
-        Command::new(bin())
-            .arg("status")
-            .arg("--socket")
-            .arg(env.socket())
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    };
+    let status = |args: &[&str]| env.status(args);
     let mut agent = env.spawn_with(|cmd| {
         cmd.env_remove("VAST_API_KEY")
             .env_remove("CREDENTIALS_DIRECTORY");
@@ -425,8 +393,7 @@ fn late_key_scenario(url: &str, cp: &FakeControlPlane) {
 /// The shipped default config is accepted by `keysync check-config`.
 #[test]
 fn check_config_accepts_the_packaged_config() {
-    let out = Command::new(bin())
-        .args(["check-config", "--config"])
+    let out = keysync_cmd(&["check-config", "--config"])
         .arg(repo().join("packaging/config.toml"))
         .env_remove("KEYSYNC_CONFIG")
         .output()
@@ -445,11 +412,9 @@ fn check_config_accepts_the_packaged_config() {
 /// subcommand of the real CLI has its page with its options.
 #[test]
 fn man_pages_render() {
-    if !need_tool("man_pages_render", "man") {
+    let Some((_out, generated)) = generated_assets("man_pages_render", "man") else {
         return;
-    }
-    let out = tempfile::tempdir().unwrap();
-    let generated = assets::generate(out.path()).unwrap();
+    };
     let names: Vec<String> = generated
         .man_pages
         .iter()
@@ -525,11 +490,9 @@ fn man_pages_render() {
 /// for the same command.
 #[test]
 fn bash_completion_loads() {
-    if !need_tool("bash_completion_loads", "bash") {
+    let Some((_out, generated)) = generated_assets("bash_completion_loads", "bash") else {
         return;
-    }
-    let out = tempfile::tempdir().unwrap();
-    let generated = assets::generate(out.path()).unwrap();
+    };
     let spec = Command::new("bash")
         .arg("-c")
         .arg(r#"source "$1" && complete -p keysync"#)

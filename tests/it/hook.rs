@@ -7,16 +7,17 @@
 //! passes for `%f`, so the filter is checked against OpenSSH, not against
 //! the crate the hook itself uses.
 
-mod support;
-
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use support::agent::{TestEnv, bin, eventually};
-use support::fake_cp::{FakeControlPlane, fixture_keys, gen_ed25519_keys};
+use crate::support::config::{Config, User};
+use crate::support::env::{TestEnv, keysync_cmd};
+use crate::support::fake_cp::{fixture_keys, gen_ed25519_keys};
+use crate::support::scenario::Scenario;
+use crate::support::{current_user, output_within, text};
 
 /// Runs the real binary as sshd would: no stdin, stdout and stderr captured.
 fn hook(args: &[&str]) -> Output {
@@ -24,24 +25,10 @@ fn hook(args: &[&str]) -> Output {
 }
 
 fn hook_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Output {
-    let mut cmd = Command::new(bin());
-    cmd.arg("authorized-keys").args(args).stdin(Stdio::null());
+    let mut cmd = keysync_cmd(&["authorized-keys"]);
+    cmd.args(args);
     adjust(&mut cmd);
     cmd.output().expect("run keysync authorized-keys")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// The name of the user running the tests: the agent can write a cache for
-/// it with or without root.
-fn me() -> String {
-    let uid = nix::unistd::getuid();
-    nix::unistd::User::from_uid(uid)
-        .expect("getpwuid")
-        .expect("the test user has a passwd entry")
-        .name
 }
 
 /// Writes `<state>/users/<user>.keys` directly, as the agent's writer
@@ -84,62 +71,38 @@ fn openssh_fingerprint(dir: &Path, key_line: &str) -> String {
 
 /// Config for one vast source and the current user in `none` mode (only the
 /// cache is written), so the agent needs no root for it.
-fn none_mode_config(env: &TestEnv, url: &str, user: &str, options: Option<&str>) -> String {
-    let options = options
-        .map(|o| format!("options = \"{o}\"\n"))
-        .unwrap_or_default();
-    format!(
-        r#"state_dir = "{state}"
-health_socket = "{socket}"
-
-[sources.account]
-kind = "vast"
-url = "{url}"
-api_key_env = "KEYSYNC_TEST_API_KEY"
-interval = "200ms"
-jitter = "0s"
-timeout = "2s"
-
-[[users]]
-name = "{user}"
-sources = ["account"]
-write = "none"
-{options}
-[policy]
-confirm_delay = "300ms"
-"#,
-        state = env.state_dir().display(),
-        socket = env.socket().display(),
-    )
+fn none_mode_config(env: &TestEnv, url: &str, user: &str, options: Option<&str>) -> Config {
+    let user = User::new(user, "none");
+    let user = match options {
+        Some(o) => user.set("options", o),
+        None => user,
+    };
+    Config::vast(env, url).unset("max_backoff").only_user(user)
 }
 
 /// Syncs once through the real agent against a fake control plane serving
 /// `keys`; returns the env (whose state dir now holds the cache).
 async fn synced_env(keys: Vec<String>, user: String, options: Option<&'static str>) -> TestEnv {
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    cp.set_keys(keys);
-    let env = TestEnv::new();
-    env.write_config(&none_mode_config(&env, &cp.url(), &user, options));
-    // The binary blocks; keep it off the runtime that serves the fake.
-    let (env, out) = tokio::task::spawn_blocking(move || {
-        let out = env.run_once();
-        (env, out)
+    let s = Scenario::new().await;
+    s.cp.set_keys(keys);
+    s.run(move |s| {
+        s.env
+            .write_config(none_mode_config(&s.env, &s.cp.url(), &user, options));
+        let out = s.env.run_once();
+        assert!(
+            out.status.success(),
+            "run --once failed: {}",
+            text(&out.stderr)
+        );
+        s.env
     })
     .await
-    .expect("join");
-    assert!(
-        out.status.success(),
-        "run --once failed: {}",
-        text(&out.stderr)
-    );
-    env
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn prints_exactly_the_cache_the_agent_wrote() {
     let [alice, bob, _] = fixture_keys();
-    let user = me();
+    let user = current_user();
     let env = synced_env(vec![alice.into(), bob.into()], user.clone(), None).await;
     let cache = env.cache(&user).expect("run --once wrote the cache");
     assert_eq!(
@@ -213,24 +176,12 @@ fn missing_state_dir_prints_nothing_and_exits_0_without_waiting() {
         if state.ends_with("state-without-users") {
             std::fs::create_dir(&state).expect("mkdir");
         }
-        let mut child = Command::new(bin())
-            .arg("authorized-keys")
-            .arg(format!("--state-dir={}", state.display()))
-            .arg("root")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
+        let mut hook = keysync_cmd(&["authorized-keys"]);
+        hook.arg(format!("--state-dir={}", state.display()))
+            .arg("root");
         // "Promptly" means it does not wait for anything (no network, no
         // retries): it has exited long before this generous deadline.
-        let exited = eventually(Duration::from_secs(10), || {
-            matches!(child.try_wait(), Ok(Some(_)))
-        });
-        if !exited {
-            let _ = child.kill();
-        }
-        let out = child.wait_with_output().expect("wait");
+        let (exited, out) = output_within(&mut hook, Duration::from_secs(10));
         assert!(
             exited,
             "{}: the hook was still running after 10 s",
@@ -256,7 +207,7 @@ async fn fingerprint_filter_prints_only_the_matching_key() {
         .into_iter()
         .chain(generated.iter().cloned())
         .collect();
-    let user = me();
+    let user = current_user();
     // Per-user options are part of the cached line: the filter must match
     // the key behind them and print the whole line, options included.
     let env = synced_env(keys.clone(), user.clone(), Some("no-agent-forwarding")).await;
@@ -352,8 +303,7 @@ fn reads_no_config() {
         "state_dir = [\nthis is not toml\n[[users]]\nname = 7\n",
     )
     .expect("write");
-    let check = Command::new(bin())
-        .args(["check-config", "--config"])
+    let check = keysync_cmd(&["check-config", "--config"])
         .arg(&broken)
         .output()
         .expect("check-config");

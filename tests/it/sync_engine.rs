@@ -6,281 +6,190 @@
 //! under a racing writer; symlinks planted by users are never written
 //! through; hostile keys never reach the file; the last good keys come back
 //! from the state dir with the API down; SIGTERM/SIGINT stop cleanly.
-//! Failure answers of the control plane are in tests/sync_faults.rs.
+//! Failure answers of the control plane are in sync_faults.rs.
 
-mod support;
-
-use std::io::{Read, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use support::agent::{Agent, TestEnv, bin, block_keys, blocking, eventually, require_root};
-use support::fake_cp::{Endpoint, FakeControlPlane, Fault, Shape, fixture_keys, gen_ed25519_keys};
-use support::users::TestUser;
 
-/// Generous deadline for "eventually" conditions on a loaded 2-core machine.
-const DEADLINE: Duration = Duration::from_secs(20);
+use crate::support::agent::Agent;
+use crate::support::block::{block, block_keys};
+use crate::support::config::{Config, User};
+use crate::support::env::TestEnv;
+use crate::support::fake_cp::{
+    Endpoint, FakeControlPlane, Fault, Shape, fixture_keys, gen_ed25519_keys,
+};
+use crate::support::files::{FileState, chmod, temp_files};
+use crate::support::scenario::{Scenario, TOKEN, wait_block_any_order, with_fixture, with_no_keys};
+use crate::support::users::TestUser;
+use crate::support::{DEADLINE, eventually, http, require_root, sorted};
 
-/// The managed block's markers (DESIGN.md §4).
-const BEGIN: &str = "# BEGIN keysync managed keys: edits inside this block are overwritten";
-const END: &str = "# END keysync managed keys";
-
-/// The block as the agent must write it.
-fn block(keys: &[String]) -> String {
-    let mut out = format!("{BEGIN}\n");
-    for k in keys {
-        out.push_str(k);
-        out.push('\n');
-    }
-    out.push_str(END);
-    out.push('\n');
-    out
-}
-
-fn sorted(keys: &[String]) -> Vec<String> {
-    let mut v = keys.to_vec();
-    v.sort();
-    v
-}
-
-/// The last lines of the agent's log above debug level, for failure messages.
-fn log_tail(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().filter(|l| !l.contains("DEBUG")).collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
-/// Waits until the block of `path` holds exactly `want` (in any order).
-fn wait_block_at(path: &Path, agent: &Agent, want: &[String], what: &str) {
-    let want = sorted(want);
-    let ok = eventually(DEADLINE, || {
-        std::fs::read_to_string(path).is_ok_and(|t| sorted(&block_keys(&t)) == want)
-    });
-    assert!(
-        ok,
-        "{what}: the block of {} never became {want:#?}\nfile: {:?}\nagent log:\n{}",
-        path.display(),
-        std::fs::read_to_string(path),
-        log_tail(&agent.log_text())
-    );
-}
-
+/// Waits until the block of the env's target holds exactly `want` (in any order).
 fn wait_block(env: &TestEnv, agent: &Agent, want: &[String], what: &str) {
-    wait_block_at(&env.target(), agent, want, what);
+    wait_block_any_order(&env.target(), agent, want, what);
 }
 
-/// What "byte-identical" means here: same bytes, same inode, same mtime.
-#[derive(Debug, PartialEq, Eq)]
-struct FileState {
-    bytes: Vec<u8>,
-    ino: u64,
-    mtime: SystemTime,
-}
-
-fn file_state(path: &Path) -> FileState {
-    let meta =
-        std::fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    FileState {
-        bytes: std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-        ino: meta.ino(),
-        mtime: meta.modified().expect("mtime"),
-    }
-}
-
-fn run_once(env: &TestEnv) -> (i32, String) {
-    let out = env.run_once();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// `keysync status --json` against the agent's health socket.
-fn status_json(env: &TestEnv) -> serde_json::Value {
-    let out = Command::new(bin())
-        .args(["status", "--json", "--socket"])
-        .arg(env.socket())
-        .output()
-        .expect("run keysync status");
-    assert!(
-        out.status.success(),
-        "keysync status: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status JSON")
-}
-
-/// The list body as the fake serves it right now (raw HTTP/1.1 GET).
+/// The list body as the fake serves it right now.
 fn served_body(cp: &FakeControlPlane) -> String {
-    let mut stream = std::net::TcpStream::connect(cp.addr()).expect("connect to the fake");
-    write!(
-        stream,
-        "GET /api/v0/ssh/ HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer test-token\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send");
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).expect("read");
-    answer
-}
-
-/// Every `.keysync.*` file below `dir` (the writer's temporary files).
-fn temp_files(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if entry.file_name().to_string_lossy().starts_with(".keysync.") {
-            found.push(path.clone());
-        }
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            found.extend(temp_files(&path));
-        }
-    }
-    found
+    let bearer = format!("Bearer {TOKEN}");
+    http::get_tcp(cp.addr(), "/api/v0/ssh/", &[("authorization", &bearer)]).body
 }
 
 /// Creates the target's directory as an administrator would (0700).
 fn make_target_dir(env: &TestEnv) {
     let dir = env.target().parent().expect("parent").to_path_buf();
     std::fs::create_dir_all(&dir).expect("mkdir");
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    chmod(&dir, 0o700);
 }
 
 /// Replaces `path` the way another writer would: a new file renamed over it.
 fn replace_file(path: &Path, content: &[u8], tmp_name: &str) {
     let tmp = path.with_file_name(tmp_name);
     std::fs::write(&tmp, content).expect("write replacement");
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    chmod(&tmp, 0o600);
     std::fs::rename(&tmp, path).expect("rename replacement");
 }
 
 // ---------------------------------------------------------------------------
 // 1. Following the API
 
+/// In `shape`: the fixture's two keys, one added, bob removed, the added
+/// one soft-deleted (the array shapes keep it with `deleted_at`, the
+/// object shape leaves it out); the block follows each step.
+fn follows_shape(s: &Scenario, agent: &Agent, shape: Shape, extra: &str) {
+    let (cp, env) = (&s.cp, &s.env);
+    let [alice, bob, _] = fixture_keys().map(str::to_string);
+    let extra = extra.to_string();
+    let what = format!("{shape:?}");
+    cp.set_shape(shape);
+    cp.set_keys([alice.clone(), bob.clone()]);
+    wait_block(env, agent, &[alice.clone(), bob.clone()], &what);
+    cp.add_key(&extra);
+    wait_block(
+        env,
+        agent,
+        &[alice.clone(), bob.clone(), extra.clone()],
+        &format!("{what}: added"),
+    );
+    assert!(cp.remove_key(&bob));
+    wait_block(
+        env,
+        agent,
+        &[alice.clone(), extra.clone()],
+        &format!("{what}: removed"),
+    );
+    assert!(cp.soft_delete(&extra));
+    let body = served_body(cp);
+    if shape == Shape::ObjectSshKeys {
+        assert!(
+            !body.contains(&extra),
+            "{what}: the object shape lists a deleted key"
+        );
+    } else {
+        // The array shapes keep the entry, with deleted_at set.
+        assert!(
+            body.contains(&extra) && body.contains("\"deleted_at\":\"2"),
+            "{what}: {body}"
+        );
+    }
+    wait_block(
+        env,
+        agent,
+        std::slice::from_ref(&alice),
+        &format!("{what}: soft-deleted"),
+    );
+}
+
+/// The fixture files of the design, replayed byte for byte, each after a
+/// list of only `other`: each brings exactly alice and bob.
+fn follows_the_fixture_files(s: &Scenario, agent: &Agent, other: &str) {
+    let (cp, env) = (&s.cp, &s.env);
+    let [alice, bob, _] = fixture_keys().map(str::to_string);
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/control-plane");
+    for name in [
+        "list-array-key.json",
+        "list-array-public-key.json",
+        "list-object-ssh-keys.json",
+    ] {
+        cp.set_keys([other]);
+        wait_block(env, agent, &[other.to_string()], name);
+        let body = std::fs::read_to_string(fixtures.join(name)).expect("fixture");
+        cp.set_fault(Fault::json_body(body), None);
+        wait_block(env, agent, &[alice.clone(), bob.clone()], name);
+        cp.clear_fault();
+    }
+}
+
+/// The authoritative empty list, 404 "No SSH keys found", after `keys`:
+/// removing them all is a mass removal, written only after a second fetch
+/// confirmed it; the file that held only the block and the hook's cache
+/// are left empty.
+fn obeys_the_no_keys_404(s: &Scenario, agent: &Agent, keys: &[String]) {
+    let (cp, env) = (&s.cp, &s.env);
+    cp.set_keys(keys.to_vec());
+    wait_block(env, agent, keys, "before the 404");
+    let seen = cp.request_count();
+    cp.set_keys(Vec::<String>::new());
+    let gone = eventually(DEADLINE, || {
+        env.read_target()
+            .is_some_and(|t| !t.contains("# BEGIN keysync") && !t.contains("# END keysync"))
+    });
+    let no_keys_404s = cp.requests()[seen..]
+        .iter()
+        .filter(|r| r.endpoint == Endpoint::List && r.status == Some(404))
+        .count();
+    assert!(
+        gone,
+        "the no-keys 404 did not remove the block: {:?}\n{}",
+        env.read_target(),
+        agent.log_tail()
+    );
+    assert!(
+        no_keys_404s >= 2,
+        "the removal was written after {no_keys_404s} no-keys 404(s), without confirmation"
+    );
+    assert_eq!(
+        env.read_target().as_deref(),
+        Some(""),
+        "only the block was in the file"
+    );
+    assert_eq!(
+        env.cache("root").as_deref(),
+        Some(""),
+        "the hook cache must be empty"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn daemon_follows_every_shape_ignores_soft_deleted_and_obeys_the_no_keys_404() {
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    cp.load_fixture();
-    blocking(move || {
+    with_fixture(|s| {
+        let (cp, env) = (&s.cp, &s.env);
         let [alice, bob, retired] = fixture_keys().map(str::to_string);
         let extra = gen_ed25519_keys(4);
-        let env = TestEnv::new();
-        env.write_config(&env.config_for(&cp.url(), "", ""));
+        env.write_config(s.config());
         let agent = env.spawn();
         // The fixture list: old@retired is soft-deleted.
-        wait_block(&env, &agent, &[alice.clone(), bob.clone()], "fixture list");
+        wait_block(env, &agent, &[alice.clone(), bob.clone()], "fixture list");
         assert!(!env.read_target().unwrap_or_default().contains(&retired));
 
-        for (i, shape) in [Shape::ArrayKey, Shape::ArrayPublicKey, Shape::ObjectSshKeys]
+        for (shape, extra) in [Shape::ArrayKey, Shape::ArrayPublicKey, Shape::ObjectSshKeys]
             .into_iter()
-            .enumerate()
+            .zip(&extra)
         {
-            let what = format!("{shape:?}");
-            cp.set_shape(shape);
-            cp.set_keys([alice.clone(), bob.clone()]);
-            wait_block(&env, &agent, &[alice.clone(), bob.clone()], &what);
-            cp.add_key(&extra[i]);
-            wait_block(
-                &env,
-                &agent,
-                &[alice.clone(), bob.clone(), extra[i].clone()],
-                &format!("{what}: added"),
-            );
-            assert!(cp.remove_key(&bob));
-            wait_block(
-                &env,
-                &agent,
-                &[alice.clone(), extra[i].clone()],
-                &format!("{what}: removed"),
-            );
-            assert!(cp.soft_delete(&extra[i]));
-            let body = served_body(&cp);
-            if shape == Shape::ObjectSshKeys {
-                assert!(
-                    !body.contains(&extra[i]),
-                    "{what}: the object shape lists a deleted key"
-                );
-            } else {
-                // The array shapes keep the entry, with deleted_at set.
-                assert!(
-                    body.contains(&extra[i]) && body.contains("\"deleted_at\":\"2"),
-                    "{what}: {body}"
-                );
-            }
-            wait_block(
-                &env,
-                &agent,
-                std::slice::from_ref(&alice),
-                &format!("{what}: soft-deleted"),
-            );
+            follows_shape(&s, &agent, shape, extra);
         }
-
-        // The fixture files of the design, replayed byte for byte.
-        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/control-plane");
-        for name in [
-            "list-array-key.json",
-            "list-array-public-key.json",
-            "list-object-ssh-keys.json",
-        ] {
-            cp.set_keys([extra[3].clone()]);
-            wait_block(&env, &agent, std::slice::from_ref(&extra[3]), name);
-            let body = std::fs::read_to_string(fixtures.join(name)).expect("fixture");
-            cp.set_fault(Fault::json_body(body), None);
-            wait_block(&env, &agent, &[alice.clone(), bob.clone()], name);
-            cp.clear_fault();
-        }
-
-        // The authoritative empty list: 404 "No SSH keys found". Removing all
-        // three keys is a mass removal, confirmed by a second fetch.
-        cp.set_keys([alice.clone(), bob.clone(), extra[0].clone()]);
-        wait_block(
-            &env,
-            &agent,
-            &[alice.clone(), bob.clone(), extra[0].clone()],
-            "before the 404",
-        );
-        let seen = cp.request_count();
-        cp.set_keys(Vec::<String>::new());
-        let gone = eventually(DEADLINE, || {
-            env.read_target()
-                .is_some_and(|t| !t.contains("# BEGIN keysync") && !t.contains("# END keysync"))
-        });
-        let no_keys_404s = cp.requests()[seen..]
-            .iter()
-            .filter(|r| r.endpoint == Endpoint::List && r.status == Some(404))
-            .count();
-        assert!(
-            gone,
-            "the no-keys 404 did not remove the block: {:?}\n{}",
-            env.read_target(),
-            log_tail(&agent.log_text())
-        );
-        assert!(
-            no_keys_404s >= 2,
-            "the removal was written after {no_keys_404s} no-keys 404(s), without confirmation"
-        );
-        assert_eq!(
-            env.read_target().as_deref(),
-            Some(""),
-            "only the block was in the file"
-        );
-        assert_eq!(
-            env.cache("root").as_deref(),
-            Some(""),
-            "the hook cache must be empty"
-        );
+        follows_the_fixture_files(&s, &agent, &extra[3]);
+        obeys_the_no_keys_404(&s, &agent, &[alice.clone(), bob.clone(), extra[0].clone()]);
 
         // And keys come back after the empty list.
         cp.set_keys([bob.clone()]);
         wait_block(
-            &env,
+            env,
             &agent,
             std::slice::from_ref(&bob),
             "after the empty list",
@@ -293,17 +202,14 @@ async fn daemon_follows_every_shape_ignores_soft_deleted_and_obeys_the_no_keys_4
 
 #[tokio::test(flavor = "multi_thread")]
 async fn run_once_exit_codes() {
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    cp.load_fixture();
-    blocking(move || {
+    with_fixture(|s| {
+        let (cp, env) = (&s.cp, &s.env);
         let [alice, bob, _] = fixture_keys().map(str::to_string);
-        let env = TestEnv::new();
-        let good = env.config_for(&cp.url(), "", "");
+        let good = s.config();
         env.write_config(&good);
 
         // 0: every source answered, every user written.
-        let (code, stderr) = run_once(&env);
+        let (code, stderr) = env.run_once_exit();
         assert_eq!(code, 0, "{stderr}");
         assert_eq!(
             sorted(&block_keys(&env.read_target().expect("target"))),
@@ -313,7 +219,7 @@ async fn run_once_exit_codes() {
         // 1: the source fails, yet the last good keys are written.
         std::fs::remove_file(env.target()).expect("rm target");
         cp.set_fault(Fault::server_error(500), None);
-        let (code, stderr) = run_once(&env);
+        let (code, stderr) = env.run_once_exit();
         assert_eq!(code, 1, "{stderr}");
         assert_eq!(
             sorted(&block_keys(
@@ -324,15 +230,15 @@ async fn run_once_exit_codes() {
         cp.clear_fault();
 
         // 2: a bad config (an unknown key), named by file, line and field.
-        let bad = env.config_for(&cp.url(), "bogus_knob = 1", "");
+        let bad = s.config().set("bogus_knob", 1).to_string();
         let line = bad
             .lines()
             .position(|l| l.starts_with("bogus_knob"))
             .expect("line")
             + 1;
         env.write_config(&bad);
-        let before = file_state(&env.target());
-        let (code, stderr) = run_once(&env);
+        let before = FileState::of(&env.target());
+        let (code, stderr) = env.run_once_exit();
         assert_eq!(code, 2, "{stderr}");
         let config = env.config_path().display().to_string();
         for needle in [config.as_str(), &format!("line {line}"), "bogus_knob"] {
@@ -342,7 +248,7 @@ async fn run_once_exit_codes() {
             );
         }
         assert_eq!(
-            file_state(&env.target()),
+            FileState::of(&env.target()),
             before,
             "a bad config wrote the target"
         );
@@ -363,23 +269,20 @@ async fn run_once_exit_codes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn foreign_lines_survive_byte_for_byte_also_when_another_writer_replaces_the_file() {
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    blocking(move || {
+    with_no_keys(|s| {
+        let (cp, env) = (&s.cp, &s.env);
         let k = gen_ed25519_keys(8);
         let (platform, by_hand, stale) = (&k[5], &k[6], &k[7]);
         cp.set_keys([k[0].clone(), k[1].clone()]);
-        let env = TestEnv::new();
-        make_target_dir(&env);
+        make_target_dir(env);
         // CRLF lines before the block, a stale block, a CRLF line and a last
         // line without a newline after it.
         let before = format!("# keys below are managed by the cloud\r\n{platform}\r\n\n");
         let after = format!("# added by hand\r\n{by_hand}");
         let initial = format!("{before}{}{after}", block(std::slice::from_ref(stale)));
         std::fs::write(env.target(), &initial).expect("seed target");
-        std::fs::set_permissions(env.target(), std::fs::Permissions::from_mode(0o600))
-            .expect("chmod");
-        env.write_config(&env.config_for(&cp.url(), "", ""));
+        chmod(&env.target(), 0o600);
+        env.write_config(s.config());
         let agent = env.spawn();
 
         let exact = |want: String, what: &str| {
@@ -390,7 +293,7 @@ async fn foreign_lines_survive_byte_for_byte_also_when_another_writer_replaces_t
                 ok,
                 "{what}: expected\n{want:?}\ngot\n{:?}\nagent log:\n{}",
                 env.read_target(),
-                log_tail(&agent.log_text())
+                agent.log_tail()
             );
         };
         exact(format!("{before}{}{after}", block(&k[..2])), "first sync");
@@ -423,14 +326,16 @@ async fn foreign_lines_survive_byte_for_byte_also_when_another_writer_replaces_t
             ),
             "after the platform dropped the block",
         );
-        let status = status_json(&env);
-        assert!(
+        // The agent counts a repair after writing it: let the count catch up.
+        let mut status = serde_json::Value::Null;
+        let counted = eventually(DEADLINE, || {
+            status = env.status_json();
             status["users"]["root"]["drift_repairs"]
                 .as_u64()
                 .unwrap_or(0)
-                >= 1,
-            "drift repair not counted: {status}"
-        );
+                >= 1
+        });
+        assert!(counted, "drift repair not counted: {status}");
         let (status, _) = agent.stop(Duration::from_secs(5));
         assert!(status.success());
     })
@@ -439,18 +344,16 @@ async fn foreign_lines_survive_byte_for_byte_also_when_another_writer_replaces_t
 
 #[tokio::test(flavor = "multi_thread")]
 async fn racing_writer_keeps_its_line_and_the_block_follows_the_api() {
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    blocking(move || {
+    with_no_keys(|s| {
+        let (cp, env) = (&s.cp, &s.env);
         let pool = gen_ed25519_keys(10);
         const FOREIGN: &str = "# foreign line of the racing writer";
         let step_keys = |i: usize| vec![pool[0].clone(), pool[1 + i % 9].clone()];
         cp.set_keys(step_keys(0));
-        let env = TestEnv::new();
-        make_target_dir(&env);
-        env.write_config(&env.config_for(&cp.url(), "", ""));
+        make_target_dir(env);
+        env.write_config(s.config());
         let agent = env.spawn();
-        wait_block(&env, &agent, &step_keys(0), "first sync");
+        wait_block(env, &agent, &step_keys(0), "first sync");
 
         // The racer keeps renaming new files over the target: its foreign
         // line, a line unique to each write and, every other time, the block
@@ -499,7 +402,7 @@ async fn racing_writer_keeps_its_line_and_the_block_follows_the_api() {
             })
         });
         let text = env.read_target().unwrap_or_default();
-        assert!(settled, "final file:\n{text}\nwant block {want:#?}\n{}", log_tail(&agent.log_text()));
+        assert!(settled, "final file:\n{text}\nwant block {want:#?}\n{}", agent.log_tail());
         // Nothing but the racer's lines and one block.
         let foreign: Vec<&str> = text
             .lines()
@@ -512,7 +415,7 @@ async fn racing_writer_keeps_its_line_and_the_block_follows_the_api() {
             "race: {racer_writes} racer renames over {step} API changes; the file kept {:?}, the racer's last write was {racer_writes}",
             foreign[1]
         );
-        let repairs = status_json(&env)["users"]["root"]["drift_repairs"].as_u64().unwrap_or(0);
+        let repairs = env.status_json()["users"]["root"]["drift_repairs"].as_u64().unwrap_or(0);
         assert!(repairs >= 1, "the agent never repaired the racer's block removals");
         assert!(temp_files(env.target().parent().expect("dir")).is_empty());
         let (status, _) = agent.stop(Duration::from_secs(5));
@@ -524,35 +427,43 @@ async fn racing_writer_keeps_its_line_and_the_block_follows_the_api() {
 // ---------------------------------------------------------------------------
 // 4. Symlinks in homes users control
 
-#[tokio::test(flavor = "multi_thread")]
-async fn planted_symlinks_are_never_written_through_and_root_links_are_followed() {
-    if !require_root("planted_symlinks_are_never_written_through_and_root_links_are_followed") {
-        return;
-    }
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    blocking(move || {
-        let keys = gen_ed25519_keys(2);
-        cp.set_keys(keys.clone());
-        let env = TestEnv::new();
+/// Homes with links planted in them, next to root's own files: `a`'s
+/// `authorized_keys` links to a root-owned file, `b`'s `.ssh` to a
+/// root-owned directory; `c`'s `.ssh` and root's are root-owned links to
+/// their own 0700 directories, which sshd's rule lets the agent follow.
+struct Planted {
+    a: TestUser,
+    b: TestUser,
+    c: TestUser,
+    secret: PathBuf,
+    secret_before: FileState,
+    root_dir: PathBuf,
+    a_ssh: PathBuf,
+    a_link: PathBuf,
+    b_link: PathBuf,
+    c_real: PathBuf,
+    root_real: PathBuf,
+}
+
+impl Planted {
+    fn plant(env: &TestEnv) -> Planted {
         // Homes live below the test dir; users must be able to reach them.
-        std::fs::set_permissions(env.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let mode = |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod");
+        chmod(env.path(), 0o755);
 
         // A root-owned file and a root-owned directory a user would love to write into.
         let secret = env.path().join("root-secret");
         std::fs::write(&secret, "root's own file\n").expect("secret");
-        mode(&secret, 0o600);
-        let secret_before = file_state(&secret);
+        chmod(&secret, 0o600);
+        let secret_before = FileState::of(&secret);
         let root_dir = env.path().join("root-only");
         std::fs::create_dir(&root_dir).expect("root dir");
-        mode(&root_dir, 0o700);
+        chmod(&root_dir, 0o700);
 
         // a: authorized_keys is the user's link to the root-owned file.
         let a = TestUser::create("keysync-t4", env.path().join("home-a"), true);
         let a_ssh = a.home.join(".ssh");
         std::fs::create_dir(&a_ssh).expect("mkdir");
-        mode(&a_ssh, 0o700);
+        chmod(&a_ssh, 0o700);
         a.chown(&a_ssh);
         let a_link = a_ssh.join("authorized_keys");
         std::os::unix::fs::symlink(&secret, &a_link).expect("symlink");
@@ -569,99 +480,183 @@ async fn planted_symlinks_are_never_written_through_and_root_links_are_followed(
         let c = TestUser::create("keysync-t4", env.path().join("home-c"), true);
         let c_real = env.path().join("c-real-ssh");
         std::fs::create_dir(&c_real).expect("mkdir");
-        mode(&c_real, 0o700);
+        chmod(&c_real, 0o700);
         c.chown(&c_real);
         std::os::unix::fs::symlink(&c_real, c.home.join(".ssh")).expect("symlink");
 
         // root: its .ssh is a root-owned link to a root-owned 0700 directory.
         let root_real = env.path().join("root-real-ssh");
         std::fs::create_dir(&root_real).expect("mkdir");
-        mode(&root_real, 0o700);
+        chmod(&root_real, 0o700);
         let home = env.path().join("home");
         std::fs::create_dir(&home).expect("mkdir");
         std::os::unix::fs::symlink(&root_real, home.join(".ssh")).expect("symlink");
+        Planted {
+            a,
+            b,
+            c,
+            secret,
+            secret_before,
+            root_dir,
+            a_ssh,
+            a_link,
+            b_link,
+            c_real,
+            root_real,
+        }
+    }
 
-        let users: String = [&a, &b, &c]
+    /// `config` with a, b and c added at their default path.
+    fn config(&self, config: Config) -> Config {
+        [&self.a, &self.b, &self.c]
             .iter()
-            .map(|u| {
-                format!(
-                    "\n[[users]]\nname = \"{}\"\nsources = [\"account\"]\nwrite = \"block\"\npath = \"~/.ssh/authorized_keys\"\n",
-                    u.name
-                )
+            .fold(config, |config, u| {
+                config.user(User::block(&u.name, "~/.ssh/authorized_keys"))
             })
+    }
+
+    /// The files of the users that must be written: root's and c's.
+    fn good_files(&self) -> [PathBuf; 2] {
+        [
+            self.root_real.join("authorized_keys"),
+            self.c_real.join("authorized_keys"),
+        ]
+    }
+
+    /// Nothing was written through a's or b's link, and the links are as planted.
+    fn check_untouched(&self, what: &str) {
+        assert_eq!(
+            FileState::of(&self.secret),
+            self.secret_before,
+            "{what}: the root-owned file was written through a's link"
+        );
+        assert_eq!(
+            std::fs::read_link(&self.a_link).ok().as_deref(),
+            Some(self.secret.as_path()),
+            "{what}: a's link"
+        );
+        assert_eq!(
+            std::fs::read_link(&self.b_link).ok().as_deref(),
+            Some(self.root_dir.as_path()),
+            "{what}: b's link"
+        );
+        let in_root_dir: Vec<_> = std::fs::read_dir(&self.root_dir)
+            .expect("ls")
+            .flatten()
+            .map(|e| e.path())
             .collect();
-        env.write_config(&env.config_for(&cp.url(), "", &users));
+        assert!(
+            in_root_dir.is_empty(),
+            "{what}: written into the root-only dir: {in_root_dir:?}"
+        );
+        assert!(
+            temp_files(&self.a_ssh).is_empty(),
+            "{what}: temp files left in a's .ssh"
+        );
+    }
+}
+
+/// Whether the agent has dealt with `user`: an error, or a write.
+fn dealt_with(status: &serde_json::Value, user: &TestUser) -> bool {
+    let u = &status["users"][&user.name];
+    !u["last_error"].is_null() || !u["last_write"].is_null()
+}
+
+/// Whether `user` is reported failed for a symlink.
+fn failed_for_symlink(status: &serde_json::Value, user: &TestUser) -> bool {
+    status["users"][&user.name]["last_error"]
+        .as_str()
+        .is_some_and(|e| e.contains("symlink"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn planted_symlinks_are_never_written_through_and_root_links_are_followed() {
+    if !require_root("planted_symlinks_are_never_written_through_and_root_links_are_followed") {
+        return;
+    }
+    with_no_keys(|s| {
+        let (cp, env) = (&s.cp, &s.env);
+        let keys = gen_ed25519_keys(2);
+        cp.set_keys(keys.clone());
+        let p = Planted::plant(env);
+        env.write_config(p.config(s.config()));
         let agent = env.spawn();
 
-        wait_block_at(&root_real.join("authorized_keys"), &agent, &keys, "root through its root-owned link");
-        wait_block_at(&c_real.join("authorized_keys"), &agent, &keys, "c through the root-owned link");
-        let c_file = std::fs::metadata(c_real.join("authorized_keys")).expect("c file");
-        assert_eq!((c_file.uid(), c_file.mode() & 0o7777), (c.uid, 0o600), "c's file owner and mode");
-        let check_untouched = |what: &str| {
-            assert_eq!(file_state(&secret), secret_before, "{what}: the root-owned file was written through a's link");
-            assert_eq!(std::fs::read_link(&a_link).ok().as_deref(), Some(secret.as_path()), "{what}: a's link");
-            assert_eq!(std::fs::read_link(&b_link).ok().as_deref(), Some(root_dir.as_path()), "{what}: b's link");
-            let in_root_dir: Vec<_> = std::fs::read_dir(&root_dir).expect("ls").flatten().map(|e| e.path()).collect();
-            assert!(in_root_dir.is_empty(), "{what}: written into the root-only dir: {in_root_dir:?}");
-            assert!(temp_files(&a_ssh).is_empty(), "{what}: temp files left in a's .ssh");
-        };
+        let [root_file, c_file] = p.good_files();
+        wait_block_any_order(
+            &root_file,
+            &agent,
+            &keys,
+            "root through its root-owned link",
+        );
+        wait_block_any_order(&c_file, &agent, &keys, "c through the root-owned link");
+        let c_meta = std::fs::metadata(&c_file).expect("c file");
+        assert_eq!(
+            (c_meta.uid(), c_meta.mode() & 0o7777),
+            (p.c.uid, 0o600),
+            "c's file owner and mode"
+        );
         // Wait until a and b were dealt with (an error, or a write: the
         // latter would be the bug), then look at what is on disk first.
-        let dealt_with = |s: &serde_json::Value, u: &TestUser| {
-            let u = &s["users"][&u.name];
-            !u["last_error"].is_null() || !u["last_write"].is_null()
-        };
         let mut status = serde_json::Value::Null;
         let done = eventually(DEADLINE, || {
-            status = status_json(&env);
-            dealt_with(&status, &a) && dealt_with(&status, &b)
+            status = env.status_json();
+            dealt_with(&status, &p.a) && dealt_with(&status, &p.b)
         });
-        check_untouched("daemon");
-        assert!(done, "a and b never dealt with: {status:#}\n{}", log_tail(&agent.log_text()));
-        // Both are reported failed, for the symlink.
-        let failed = |s: &serde_json::Value, u: &TestUser| {
-            s["users"][&u.name]["last_error"].as_str().is_some_and(|e| e.contains("symlink"))
-        };
+        p.check_untouched("daemon");
         assert!(
-            failed(&status, &a) && failed(&status, &b),
-            "planted links not reported: {status:#}\n{}",
-            log_tail(&agent.log_text())
+            done,
+            "a and b never dealt with: {status:#}\n{}",
+            agent.log_tail()
         );
-        for u in ["root", c.name.as_str()] {
-            assert!(status["users"][u]["last_error"].is_null(), "{u} reported failed: {status:#}");
+        // Both are reported failed, for the symlink.
+        assert!(
+            failed_for_symlink(&status, &p.a) && failed_for_symlink(&status, &p.b),
+            "planted links not reported: {status:#}\n{}",
+            agent.log_tail()
+        );
+        for u in ["root", p.c.name.as_str()] {
+            assert!(
+                status["users"][u]["last_error"].is_null(),
+                "{u} reported failed: {status:#}"
+            );
         }
-        assert_eq!(status_json_ready(&env), Some(false), "ready although users failed");
+        assert_eq!(
+            status_json_ready(env),
+            Some(false),
+            "ready although users failed"
+        );
 
         let (status, _) = agent.stop(Duration::from_secs(5));
         assert!(status.success());
 
         // run --once: the same, and exit 1 since users failed.
-        let (code, stderr) = run_once(&env);
+        let (code, stderr) = env.run_once_exit();
         assert_eq!(code, 1, "{stderr}");
         assert!(stderr.contains("symlink"), "{stderr}");
-        check_untouched("run --once");
+        p.check_untouched("run --once");
         // A key change still reaches the good users in the same pass.
         let more = gen_ed25519_keys(3);
         cp.set_keys(more.clone());
-        let (code, stderr) = run_once(&env);
+        let (code, stderr) = env.run_once_exit();
         assert_eq!(code, 1, "{stderr}");
-        for path in [root_real.join("authorized_keys"), c_real.join("authorized_keys")] {
+        for path in p.good_files() {
             let text = std::fs::read_to_string(&path).expect("written");
-            assert_eq!(sorted(&block_keys(&text)), sorted(&more), "{}", path.display());
+            assert_eq!(
+                sorted(&block_keys(&text)),
+                sorted(&more),
+                "{}",
+                path.display()
+            );
         }
-        check_untouched("run --once after a change");
-        drop((a, b, c));
+        p.check_untouched("run --once after a change");
     })
     .await;
 }
 
 /// `/readyz` through `keysync status --check`: Some(true) when ready.
 fn status_json_ready(env: &TestEnv) -> Option<bool> {
-    let out = Command::new(bin())
-        .args(["status", "--check", "--socket"])
-        .arg(env.socket())
-        .output()
-        .ok()?;
+    let out = env.status(&["--check"]);
     match out.status.code()? {
         0 => Some(true),
         1 => Some(false),
@@ -714,7 +709,42 @@ fn dss_line() -> String {
     ]);
     put(&[0x4b; 128]);
     put(&[0x2d; 128]);
-    format!("ssh-dss {} dsa@old", support::fake_cp::base64_encode(&blob))
+    format!(
+        "ssh-dss {} dsa@old",
+        crate::support::fake_cp::base64_encode(&blob)
+    )
+}
+
+/// An `ssh-dss` public key line: made by ssh-keygen where it still makes
+/// DSA keys, else [`dss_line`].
+fn dss_key(dir: &Path) -> String {
+    let dss = Command::new("ssh-keygen")
+        .args(["-q", "-N", "", "-t", "dsa", "-f"])
+        .arg(dir.join("old-dsa"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|_| std::fs::read_to_string(dir.join("old-dsa.pub")).ok())
+        .map(|s| s.trim_end().to_string())
+        .unwrap_or_else(dss_line);
+    assert!(dss.starts_with("ssh-dss "), "{dss}");
+    dss
+}
+
+/// `ssh-keygen -l` lists each line, alone in a file in `dir`, as one key.
+fn assert_openssh_accepts(dir: &Path, lines: &[String]) {
+    std::fs::create_dir(dir).expect("mkdir");
+    for (i, line) in lines.iter().enumerate() {
+        let file = dir.join(format!("line-{i}"));
+        std::fs::write(&file, format!("{line}\n")).expect("write line");
+        let out = ssh_keygen(&["-l", "-f", file.to_str().expect("utf-8")]);
+        let listed = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            listed.lines().count(),
+            1,
+            "ssh-keygen -l on {line:?}: {listed}"
+        );
+    }
 }
 
 /// The base64 blob of a key line (the second field), or of the line itself.
@@ -724,10 +754,8 @@ fn blob_of(line: &str) -> &str {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_keys_never_reach_the_file() {
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    blocking(move || {
-        let env = TestEnv::new();
+    with_no_keys(|s| {
+        let (cp, env) = (&s.cp, &s.env);
         let keys_dir = env.path().join("keys");
         std::fs::create_dir(&keys_dir).expect("mkdir");
         let pool = gen_ed25519_keys(10);
@@ -736,16 +764,7 @@ async fn hostile_keys_never_reach_the_file() {
         let (rsa_pub, _) = keypair(&keys_dir, "real-rsa3072", &["-t", "rsa", "-b", "3072"]);
         let (ecdsa_pub, _) = keypair(&keys_dir, "real-ecdsa", &["-t", "ecdsa", "-b", "256"]);
         let (rsa1024_pub, _) = keypair(&keys_dir, "weak-rsa1024", &["-t", "rsa", "-b", "1024"]);
-        let dss = Command::new("ssh-keygen")
-            .args(["-q", "-N", "", "-t", "dsa", "-f"])
-            .arg(keys_dir.join("old-dsa"))
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .and_then(|_| std::fs::read_to_string(keys_dir.join("old-dsa.pub")).ok())
-            .map(|s| s.trim_end().to_string())
-            .unwrap_or_else(dss_line);
-        assert!(dss.starts_with("ssh-dss "), "{dss}");
+        let dss = dss_key(&keys_dir);
         let blob = |i: usize| blob_of(&pool[i]).to_string();
 
         let hostile: Vec<(&str, String)> = vec![
@@ -787,8 +806,8 @@ async fn hostile_keys_never_reach_the_file() {
         served.push(duplicate);
         cp.set_keys(served);
 
-        env.write_config(&env.config_for(&cp.url(), "", ""));
-        let (code, stderr) = run_once(&env);
+        env.write_config(s.config());
+        let (code, stderr) = env.run_once_exit();
         assert_eq!(
             code, 0,
             "bad keys are dropped, the list is still an answer:\n{stderr}"
@@ -837,19 +856,7 @@ async fn hostile_keys_never_reach_the_file() {
         );
 
         // Each written line is a key OpenSSH itself accepts.
-        let check_dir = env.path().join("ssh-keygen-check");
-        std::fs::create_dir(&check_dir).expect("mkdir");
-        for (i, line) in lines.iter().enumerate() {
-            let file = check_dir.join(format!("line-{i}"));
-            std::fs::write(&file, format!("{line}\n")).expect("write line");
-            let out = ssh_keygen(&["-l", "-f", file.to_str().expect("utf-8")]);
-            let listed = String::from_utf8_lossy(&out.stdout);
-            assert_eq!(
-                listed.lines().count(),
-                1,
-                "ssh-keygen -l on {line:?}: {listed}"
-            );
-        }
+        assert_openssh_accepts(&env.path().join("ssh-keygen-check"), &lines);
     })
     .await;
 }
@@ -859,14 +866,11 @@ async fn hostile_keys_never_reach_the_file() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn restart_with_the_api_down_serves_the_last_good_keys() {
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
     let handle = tokio::runtime::Handle::current();
-    blocking(move || {
+    with_no_keys(move |Scenario { cp, env }| {
         let keys = gen_ed25519_keys(3);
         cp.set_keys(keys.clone());
-        let env = TestEnv::new();
-        env.write_config(&env.config_for(&cp.url(), "", ""));
+        env.write_config(Config::vast(&env, &cp.url()));
         let agent = env.spawn();
         wait_block(&env, &agent, &keys, "first sync");
         let (status, _) = agent.stop(Duration::from_secs(5));
@@ -891,7 +895,7 @@ async fn restart_with_the_api_down_serves_the_last_good_keys() {
         // run --once with the API gone entirely (port closed): exit 1, keys written.
         handle.block_on(cp.shutdown());
         std::fs::remove_file(env.target()).expect("rm target");
-        let (code, stderr) = run_once(&env);
+        let (code, stderr) = env.run_once_exit();
         assert_eq!(code, 1, "{stderr}");
         let text = env.read_target().expect("last good keys written");
         assert_eq!(sorted(&block_keys(&text)), sorted(&keys));
@@ -908,14 +912,14 @@ async fn restart_with_the_api_down_serves_the_last_good_keys() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_and_sigint_stop_cleanly_without_leftovers() {
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    blocking(move || {
+    with_no_keys(|s| {
+        let cp = &s.cp;
         let pool = gen_ed25519_keys(12);
         for sig in [Signal::SIGTERM, Signal::SIGINT] {
             cp.set_keys(pool[..2].to_vec());
+            // A fresh world for each signal.
             let env = TestEnv::new();
-            env.write_config(&env.config_for(&cp.url(), "", ""));
+            env.write_config(Config::vast(&env, &cp.url()));
             let agent = env.spawn();
             wait_block(&env, &agent, &pool[..2], "first sync");
             // Stop while the agent is busy writing: the list keeps changing.

@@ -2,15 +2,16 @@
 //! one state dir, an `.ssh` that sshd's StrictModes refuses, and a drift
 //! repair racing a slow writer that still has the file open.
 
-mod support;
-
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
 
-use support::agent::{TestEnv, bin, block_keys, eventually};
-use support::fake_cp::{FakeControlPlane, fixture_keys};
+use super::support::block::block_keys;
+use super::support::config::{Config, User};
+use super::support::env::{TestEnv, bin};
+use super::support::eventually;
+use super::support::fake_cp::{FakeControlPlane, fixture_keys};
 
 async fn control_plane() -> FakeControlPlane {
     let cp = FakeControlPlane::start().await;
@@ -23,7 +24,7 @@ async fn control_plane() -> FakeControlPlane {
 async fn a_second_agent_on_the_same_state_dir_exits_2_naming_the_first() {
     let cp = control_plane().await;
     let env = TestEnv::new();
-    env.write_config(&env.config_for(&cp.url(), "", ""));
+    env.write_config(Config::vast(&env, &cp.url()));
     let first = env.spawn();
     let target = env.target();
     assert!(
@@ -35,9 +36,12 @@ async fn a_second_agent_on_the_same_state_dir_exits_2_naming_the_first() {
     );
     // Another config and another socket, the same state dir.
     let other = env.path().join("other.toml");
-    let text = env
-        .config_for(&cp.url(), "", "")
-        .replace("health.sock", "other.sock");
+    let text = Config::vast(&env, &cp.url())
+        .top(
+            "health_socket",
+            env.path().join("other.sock").to_str().unwrap(),
+        )
+        .to_string();
     std::fs::write(&other, text).unwrap();
     let second = tokio::task::spawn_blocking(move || {
         Command::new(bin())
@@ -63,7 +67,7 @@ async fn a_second_agent_on_the_same_state_dir_exits_2_naming_the_first() {
 async fn an_ssh_dir_that_strict_modes_refuses_is_reported_not_ready() {
     let cp = control_plane().await;
     let env = TestEnv::new();
-    env.write_config(&env.config_for(&cp.url(), "", ""));
+    env.write_config(Config::vast(&env, &cp.url()));
     let ssh = env.target().parent().unwrap().to_path_buf();
     std::fs::create_dir_all(&ssh).unwrap();
     std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o777)).unwrap();
@@ -90,7 +94,7 @@ async fn drift_repair_waits_for_a_slow_writer_to_close_the_file() {
     let cp = control_plane().await;
     let env = TestEnv::new();
     // Polling at 60 s: only the drift watch can repair within the test.
-    env.write_config(&env.config_with(&cp.url(), "60s", "2s", "", ""));
+    env.write_config(Config::vast(&env, &cp.url()).set("interval", "60s"));
     let agent = env.spawn();
     let target = env.target();
     let t = target.clone();
@@ -142,9 +146,9 @@ async fn drift_repair_waits_for_a_slow_writer_to_close_the_file() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_agents_supplementary_groups_never_reach_a_users_home() {
+    use super::support::require_root;
+    use super::support::users::TestUser;
     use std::os::unix::fs::MetadataExt;
-    use support::agent::require_root;
-    use support::users::TestUser;
     if !require_root("the_agents_supplementary_groups_never_reach_a_users_home") {
         return;
     }
@@ -173,10 +177,9 @@ async fn the_agents_supplementary_groups_never_reach_a_users_home() {
     std::fs::set_permissions(user.ssh(), std::fs::Permissions::from_mode(0o700)).unwrap();
     std::fs::hard_link(&secret, user.keys()).unwrap();
 
-    let text = env
-        .config_for(&cp.url(), "", "")
-        .replace("name = \"root\"", &format!("name = \"{}\"", user.name))
-        .replace(&format!("path = \"{}\"", env.target().display()), "");
+    let text = Config::vast(&env, &cp.url())
+        .only_user(User::new(&user.name, "block"))
+        .to_string();
     env.write_config(&text);
     let config = env.config_path();
     let group_arg = gid.as_raw().to_string();

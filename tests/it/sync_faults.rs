@@ -5,92 +5,46 @@
 //! follows the next change, and `run --once` exits 1 under each. Also the
 //! request headers and the conditional GET (304 keeps the file).
 
-mod support;
+use std::time::Duration;
 
-use std::io::{Read, Write};
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
-use std::time::{Duration, SystemTime};
+use crate::support::agent::Agent;
+use crate::support::config::Config;
+use crate::support::env::TestEnv;
+use crate::support::fake_cp::{Endpoint, FakeControlPlane, Fault, gen_ed25519_keys};
+use crate::support::files::FileState;
+use crate::support::scenario::{Scenario, TOKEN, wait_block, with_no_keys};
+use crate::support::{DEADLINE, block::block_keys, eventually, http};
 
-use support::agent::{Agent, TestEnv, block_keys, blocking, eventually};
-use support::fake_cp::{Endpoint, FakeControlPlane, Fault, gen_ed25519_keys};
-
-/// Generous deadline for "eventually" conditions on a loaded 2-core machine.
-const DEADLINE: Duration = Duration::from_secs(20);
-
-/// What "byte-identical" means here: same bytes, same inode, same mtime.
-#[derive(Debug, PartialEq, Eq)]
-struct FileState {
-    bytes: Vec<u8>,
-    ino: u64,
-    mtime: SystemTime,
-}
-
-fn file_state(path: &Path) -> FileState {
-    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    FileState {
-        bytes: std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
-        ino: meta.ino(),
-        mtime: meta.modified().expect("mtime"),
-    }
-}
-
-/// The last lines of the agent's log above debug level, for failure messages.
-fn log_tail(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().filter(|l| !l.contains("DEBUG")).collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
-/// `GET path` on the agent's health socket (HTTP/1.1 over a Unix socket).
-fn health_get(socket: &Path, path: &str) -> Option<String> {
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).ok()?;
-    Some(answer)
-}
-
-/// `keysync_fetch_total{source="account",result=<result>}` from /metrics.
+/// `keysync_fetch_total{source="account",result=<result>}` from /metrics,
+/// 0 while nothing answers or nothing was counted yet.
 fn fetch_count(env: &TestEnv, result: &str) -> u64 {
-    let Some(text) = health_get(&env.socket(), "/metrics") else {
-        return 0;
-    };
-    let wanted = format!("result=\"{result}\"");
-    text.lines()
-        .filter(|l| {
-            l.starts_with("keysync_fetch_total{")
-                && l.contains("source=\"account\"")
-                && l.contains(&wanted)
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
-}
-
-/// Waits until the block holds exactly `want` (in order).
-fn wait_block(env: &TestEnv, agent: &Agent, want: &[String], what: &str) {
-    let ok = eventually(DEADLINE, || {
-        env.read_target().is_some_and(|t| block_keys(&t) == want)
-    });
-    assert!(
-        ok,
-        "{what}: the block never became {want:#?}\nfile: {:?}\nagent log:\n{}",
-        env.read_target(),
-        log_tail(&agent.log_text())
-    );
-}
-
-fn run_once(env: &TestEnv) -> (i32, String) {
-    let out = env.run_once();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    http::try_metric(
+        &env.socket(),
+        "keysync_fetch_total",
+        &[("source", "account"), ("result", result)],
     )
+    .unwrap_or(0.0) as u64
+}
+
+/// Waits until the agent has *processed* `n` more failed fetches: the
+/// counter moves before the writer finishes with a report, so one more than
+/// needed proves the n-th is done with. The caller checks the file first,
+/// then the returned message.
+fn wait_failures(
+    env: &TestEnv,
+    agent: &Agent,
+    from: u64,
+    n: u64,
+    what: &str,
+) -> Result<(), String> {
+    if eventually(DEADLINE * 2, || fetch_count(env, "error") > from + n) {
+        return Ok(());
+    }
+    Err(format!(
+        "{what}: the agent did not report {n} failed fetches (saw {})\nagent log:\n{}",
+        fetch_count(env, "error") - from,
+        agent.log_tail()
+    ))
 }
 
 /// Every fault of DESIGN.md §5's "keep" rows that the fake can inject. The
@@ -121,104 +75,85 @@ fn step_keys(pool: &[String], step: usize) -> Vec<String> {
     vec![pool[0].clone(), pool[1].clone(), pool[2 + step % 4].clone()]
 }
 
+/// One fault, for as long as it takes the daemon to meet it `n` times
+/// (and the list changes meanwhile to `next`): the file stays as it was
+/// and the daemon lives; once the fault is cleared, `next` lands.
+fn daemon_rides_out(s: &Scenario, agent: &mut Agent, name: &str, fault: Fault, next: &[String]) {
+    let (cp, env) = (&s.cp, &s.env);
+    let before = FileState::of(&env.target());
+    let errors = fetch_count(env, "error");
+    let seen = cp.request_count();
+    cp.set_fault(fault, None);
+    // The list changes during the outage: only a wrongly accepted answer (a
+    // slow one past the timeout) could bring it in now.
+    cp.set_keys(next.to_vec());
+    // Slow and Retry-After faults take a second or more per request.
+    let n = if name.starts_with("timeout") || name.contains("Retry-After") {
+        2
+    } else {
+        4
+    };
+    let counted = wait_failures(env, agent, errors, n, name);
+    assert_eq!(
+        FileState::of(&env.target()),
+        before,
+        "{name}: the target changed"
+    );
+    counted.unwrap_or_else(|e| panic!("{e}"));
+    let faulted = cp.requests()[seen..]
+        .iter()
+        .filter(|r| r.endpoint == Endpoint::List && r.fault.is_some())
+        .count();
+    assert!(
+        faulted as u64 > n,
+        "{name}: only {faulted} requests met the fault"
+    );
+    assert_eq!(
+        FileState::of(&env.target()),
+        before,
+        "{name}: the target changed"
+    );
+    assert!(
+        agent.alive(),
+        "{name}: the daemon died\n{}",
+        agent.log_tail()
+    );
+    cp.clear_fault();
+    wait_block(&env.target(), agent, next, &format!("after {name} cleared"));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn daemon_keeps_the_file_through_every_fault_and_follows_the_next_change() {
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    let addr = cp.addr();
     let handle = tokio::runtime::Handle::current();
-    blocking(move || {
-        let mut cp = cp;
+    with_no_keys(move |s| {
+        let addr = s.cp.addr();
         let pool = gen_ed25519_keys(6);
         let mut step = 0;
-        cp.set_keys(step_keys(&pool, step));
-        let env = TestEnv::new();
-        env.write_config(&env.config_for(&cp.url(), "", ""));
-        let mut agent = env.spawn();
-        wait_block(&env, &agent, &step_keys(&pool, step), "first sync");
-
-        // Waits until the agent has *processed* `n` more failed fetches: the
-        // counter moves before the writer finishes with a report, so one
-        // more than needed proves the n-th is done with. The caller checks
-        // the file first, then the returned message.
-        let wait_failures = |agent: &Agent, from: u64, n: u64, what: &str| -> Result<(), String> {
-            if eventually(DEADLINE * 2, || fetch_count(&env, "error") > from + n) {
-                return Ok(());
-            }
-            Err(format!(
-                "{what}: the agent did not report {n} failed fetches (saw {})\nagent log:\n{}",
-                fetch_count(&env, "error") - from,
-                log_tail(&agent.log_text())
-            ))
-        };
-
+        s.cp.set_keys(step_keys(&pool, step));
+        let mut agent = s.start(s.config(), &step_keys(&pool, step));
         for (name, fault) in faults() {
-            let before = file_state(&env.target());
-            let errors = fetch_count(&env, "error");
-            let seen = cp.request_count();
-            cp.set_fault(fault, None);
-            // The list changes during the outage: only a wrongly accepted
-            // answer (a slow one past the timeout) could bring it in now.
             step += 1;
-            cp.set_keys(step_keys(&pool, step));
-            // Slow and Retry-After faults take a second or more per request.
-            let n = if name.starts_with("timeout") || name.contains("Retry-After") {
-                2
-            } else {
-                4
-            };
-            let counted = wait_failures(&agent, errors, n, name);
-            assert_eq!(
-                file_state(&env.target()),
-                before,
-                "{name}: the target changed"
-            );
-            counted.unwrap_or_else(|e| panic!("{e}"));
-            let faulted = cp.requests()[seen..]
-                .iter()
-                .filter(|r| r.endpoint == Endpoint::List && r.fault.is_some())
-                .count();
-            assert!(
-                faulted as u64 > n,
-                "{name}: only {faulted} requests met the fault"
-            );
-            assert_eq!(
-                file_state(&env.target()),
-                before,
-                "{name}: the target changed"
-            );
-            assert!(
-                agent.alive(),
-                "{name}: the daemon died\n{}",
-                log_tail(&agent.log_text())
-            );
-            cp.clear_fault();
-            wait_block(
-                &env,
-                &agent,
-                &step_keys(&pool, step),
-                &format!("after {name} cleared"),
-            );
+            daemon_rides_out(&s, &mut agent, name, fault, &step_keys(&pool, step));
         }
 
         // Connection refused: the control plane's port is closed.
-        let before = file_state(&env.target());
+        let Scenario { cp, env } = s;
+        let before = FileState::of(&env.target());
         let generation = cp.generation();
         handle.block_on(cp.shutdown());
         let errors = fetch_count(&env, "error");
-        let counted = wait_failures(&agent, errors, 3, "connection refused");
+        let counted = wait_failures(&env, &agent, errors, 3, "connection refused");
         assert_eq!(
-            file_state(&env.target()),
+            FileState::of(&env.target()),
             before,
             "connection refused: the target changed"
         );
         counted.unwrap_or_else(|e| panic!("{e}"));
         assert!(agent.alive(), "connection refused: the daemon died");
-        let log = agent.log_text();
         assert!(
-            log.to_ascii_lowercase().contains("refused"),
+            agent.log_text().to_ascii_lowercase().contains("refused"),
             "the log does not say the connection was refused:\n{}",
-            log_tail(&log)
+            agent.log_tail()
         );
         // Back on the same port, with a list the agent has not seen. The new
         // fake counts generations from 1 again: move past the agent's ETag.
@@ -231,14 +166,14 @@ async fn daemon_keeps_the_file_through_every_fault_and_follows_the_next_change()
                     None
                 })
         });
-        cp = restarted.expect("rebind the fake control plane on its old port");
-        cp.set_token(Some("test-token"));
+        let cp = restarted.expect("rebind the fake control plane on its old port");
+        cp.set_token(Some(TOKEN));
         step += 1;
         while cp.generation() <= generation {
             cp.set_keys(step_keys(&pool, step));
         }
         wait_block(
-            &env,
+            &env.target(),
             &agent,
             &step_keys(&pool, step),
             "after the port reopened",
@@ -255,15 +190,13 @@ async fn daemon_keeps_the_file_through_every_fault_and_follows_the_next_change()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn run_once_under_every_fault_exits_1_and_keeps_the_file() {
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    blocking(move || {
+    with_no_keys(|s| {
+        let (cp, env) = (&s.cp, &s.env);
         let pool = gen_ed25519_keys(6);
         cp.set_keys(step_keys(&pool, 0));
-        let env = TestEnv::new();
-        let config = env.config_for(&cp.url(), "", "");
+        let config = s.config();
         env.write_config(&config);
-        let (code, stderr) = run_once(&env);
+        let (code, stderr) = env.run_once_exit();
         assert_eq!(code, 0, "baseline run --once failed:\n{stderr}");
         assert_eq!(
             block_keys(&env.read_target().expect("target")),
@@ -273,14 +206,14 @@ async fn run_once_under_every_fault_exits_1_and_keeps_the_file() {
         cp.set_keys(step_keys(&pool, 1));
 
         for (name, fault) in faults() {
-            let before = file_state(&env.target());
+            let before = FileState::of(&env.target());
             let seen = cp.request_count();
             cp.set_fault(fault, None);
-            let (code, stderr) = run_once(&env);
+            let (code, stderr) = env.run_once_exit();
             cp.clear_fault();
             assert_eq!(code, 1, "{name}: run --once exit code\n{stderr}");
             assert_eq!(
-                file_state(&env.target()),
+                FileState::of(&env.target()),
                 before,
                 "{name}: the target changed\n{stderr}"
             );
@@ -295,15 +228,15 @@ async fn run_once_under_every_fault_exits_1_and_keeps_the_file() {
             .and_then(|l| l.local_addr())
             .expect("pick a port");
         let url = format!("http://{closed}/api/v0/ssh/");
-        env.write_config(&env.config_for(&url, "", ""));
-        let before = file_state(&env.target());
-        let (code, stderr) = run_once(&env);
+        env.write_config(Config::vast(env, &url));
+        let before = FileState::of(&env.target());
+        let (code, stderr) = env.run_once_exit();
         assert_eq!(
             code, 1,
             "connection refused: run --once exit code\n{stderr}"
         );
         assert_eq!(
-            file_state(&env.target()),
+            FileState::of(&env.target()),
             before,
             "connection refused: the target changed"
         );
@@ -311,7 +244,7 @@ async fn run_once_under_every_fault_exits_1_and_keeps_the_file() {
         // And with the API back, the new list arrives: the faults above did not
         // leave the state dir in a state that blocks a later good answer.
         env.write_config(&config);
-        let (code, stderr) = run_once(&env);
+        let (code, stderr) = env.run_once_exit();
         assert_eq!(code, 0, "run --once after the faults:\n{stderr}");
         assert_eq!(
             block_keys(&env.read_target().expect("target")),
@@ -323,16 +256,12 @@ async fn run_once_under_every_fault_exits_1_and_keeps_the_file() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_carry_the_contract_headers_and_304_keeps_the_file() {
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    blocking(move || {
+    with_no_keys(|s| {
+        let (cp, env) = (&s.cp, &s.env);
         let pool = gen_ed25519_keys(3);
         cp.set_keys(pool.clone());
-        let env = TestEnv::new();
-        env.write_config(&env.config_for(&cp.url(), "", ""));
-        let agent = env.spawn();
-        wait_block(&env, &agent, &pool, "first sync");
-        let before = file_state(&env.target());
+        let agent = s.start(s.config(), &pool);
+        let before = FileState::of(&env.target());
         let etag = cp.etag();
         // Several polls of an unchanged list: conditional, answered 304.
         let ok = eventually(DEADLINE, || {
@@ -344,7 +273,7 @@ async fn requests_carry_the_contract_headers_and_304_keeps_the_file() {
         });
         assert!(ok, "no 304s: {:#?}", cp.requests());
         assert_eq!(
-            file_state(&env.target()),
+            FileState::of(&env.target()),
             before,
             "a 304 changed the target"
         );
@@ -392,7 +321,7 @@ async fn requests_carry_the_contract_headers_and_304_keeps_the_file() {
         );
         assert_eq!(first.status, Some(304));
         assert_eq!(
-            file_state(&env.target()),
+            FileState::of(&env.target()),
             before,
             "a restart with a 304 changed the target"
         );

@@ -4,12 +4,12 @@
 //! removed; other writers' copies of a revoked key are reported, and
 //! removed only when the config asks for it.
 
-mod support;
-
 use std::time::Duration;
 
-use support::agent::{TestEnv, eventually};
-use support::fake_cp::{FakeControlPlane, Fault, fixture_keys};
+use super::support::config::{Config, User};
+use super::support::env::{TestEnv, bin};
+use super::support::fake_cp::{FakeControlPlane, Fault, fixture_keys};
+use super::support::{blocking, eventually, require_root};
 
 async fn control_plane() -> FakeControlPlane {
     let cp = FakeControlPlane::start().await;
@@ -32,17 +32,13 @@ fn revoked(env: &TestEnv) -> Option<String> {
     std::fs::read_to_string(env.state_dir().join("revoked_keys")).ok()
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.expect("blocking task")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_revoked_file_exists_before_the_first_fetch() {
     let cp = control_plane().await;
     // The first answer takes 5 s: the file must be there meanwhile.
     cp.set_fault(Fault::Slow(Duration::from_secs(5)), Some(1));
     let env = TestEnv::new();
-    env.write_config(&env.config_for(&cp.url(), "", ""));
+    env.write_config(Config::vast(&env, &cp.url()));
     let agent = env.spawn();
     let path = env.state_dir().join("revoked_keys");
     let p = path.clone();
@@ -63,7 +59,7 @@ async fn a_deleted_key_is_revoked_a_returning_one_is_not_and_copies_are_reported
     // Another writer's copy of alice (the platform's, outside the block).
     std::fs::create_dir_all(env.target().parent().unwrap()).unwrap();
     std::fs::write(env.target(), format!("{alice}\n")).unwrap();
-    env.write_config(&env.config_for(&cp.url(), "", ""));
+    env.write_config(Config::vast(&env, &cp.url()));
     let agent = env.spawn();
     let state = env.state_dir();
     let ok = blocking(move || {
@@ -107,7 +103,7 @@ async fn a_deleted_key_is_revoked_a_returning_one_is_not_and_copies_are_reported
     let status = blocking(move || {
         let mut status = serde_json::Value::Null;
         eventually(Duration::from_secs(5), || {
-            let out = std::process::Command::new(support::agent::bin())
+            let out = std::process::Command::new(bin())
                 .args(["status", "--json", "--socket", socket.to_str().unwrap()])
                 .output()
                 .unwrap();
@@ -143,7 +139,7 @@ async fn remove_revoked_copies_takes_out_exactly_the_other_writers_copies() {
     std::fs::create_dir_all(env.target().parent().unwrap()).unwrap();
     let hand = "# a comment of the platform\n";
     std::fs::write(env.target(), format!("{hand}no-pty {alice}\n{bob}\n")).unwrap();
-    env.write_config(&env.config_for(&cp.url(), "", "remove_revoked_copies = true"));
+    env.write_config(Config::vast(&env, &cp.url()).policy("remove_revoked_copies", true));
     let agent = env.spawn();
     let state = env.state_dir();
     assert!(
@@ -181,7 +177,7 @@ async fn the_revoked_file_is_never_missing_or_torn_across_crashes() {
     let cp = control_plane().await;
     let [alice, _, _] = fixture_keys();
     let env = TestEnv::new();
-    env.write_config(&env.config_for(&cp.url(), "", ""));
+    env.write_config(Config::vast(&env, &cp.url()));
     for round in 0..ROUNDS {
         if round % 2 == 0 {
             cp.remove_key(alice);
@@ -224,7 +220,7 @@ async fn a_target_an_earlier_config_wrote_is_cleared_at_the_next_start() {
     let cp = control_plane().await;
     let [alice, bob, _] = fixture_keys();
     let env = TestEnv::new();
-    env.write_config(&env.config_for(&cp.url(), "", ""));
+    env.write_config(Config::vast(&env, &cp.url()));
     let (env, out) = blocking(move || {
         let out = env.run_once();
         (env, out)
@@ -239,9 +235,9 @@ async fn a_target_an_earlier_config_wrote_is_cleared_at_the_next_start() {
     assert!(std::fs::read_to_string(&old).unwrap().contains(alice));
     // While the agent is stopped, the user's file moves elsewhere.
     let new = env.path().join("elsewhere/.ssh/authorized_keys");
-    let text = env
-        .config_for(&cp.url(), "", "")
-        .replace(&old.display().to_string(), &new.display().to_string());
+    let text = Config::vast(&env, &cp.url())
+        .only_user(User::block("root", &new))
+        .to_string();
     env.write_config(&text);
     let (env, out) = blocking(move || {
         let out = env.run_once();
@@ -264,15 +260,14 @@ async fn a_target_an_earlier_config_wrote_is_cleared_at_the_next_start() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cache_that_cannot_be_rewritten_never_keeps_a_removed_key_in_the_home_file() {
-    if !support::agent::require_root(
-        "a_cache_that_cannot_be_rewritten_never_keeps_a_removed_key_in_the_home_file",
-    ) {
+    if !require_root("a_cache_that_cannot_be_rewritten_never_keeps_a_removed_key_in_the_home_file")
+    {
         return;
     }
     let cp = control_plane().await;
     let [alice, bob, _] = fixture_keys();
     let env = TestEnv::new();
-    env.write_config(&env.config_for(&cp.url(), "", ""));
+    env.write_config(Config::vast(&env, &cp.url()));
     let (env, out) = blocking(move || {
         let out = env.run_once();
         (env, out)

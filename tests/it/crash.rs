@@ -9,34 +9,29 @@
 //! converges, and `.keysync.*` leftovers of the kills are gone after the next
 //! start, even when that start has nothing to write.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use support::agent::{Agent, TestEnv, blocking, eventually};
-use support::fake_cp::{FakeControlPlane, gen_ed25519_keys};
+use crate::support::agent::Agent;
+use crate::support::block::{BEGIN, END};
+use crate::support::config::Config;
+use crate::support::env::TestEnv;
+use crate::support::fake_cp::{FakeControlPlane, gen_ed25519_keys};
+use crate::support::files::temp_files;
+use crate::support::scenario::Scenario;
+use crate::support::{DEADLINE, eventually, sorted};
 
-/// Generous deadline for "eventually" conditions on a loaded 2-core machine.
-const DEADLINE: Duration = Duration::from_secs(20);
 /// How long keys flip and the agent is killed, at the least.
 const CHAOS: Duration = Duration::from_secs(30);
 const MIN_KILLS: usize = 30;
 
-const BEGIN: &str = "# BEGIN keysync managed keys: edits inside this block are overwritten";
-const END: &str = "# END keysync managed keys";
 /// Lines another writer owns, before and after the block.
 const BEFORE: &str = "# added by the platform\nssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIN7rZ17cV9ag1ih2ph/mjt/dQyeQsJHFDMID9ZaAPkRi platform@host\n";
 const AFTER: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFRzugNBd+MDtj+CrHEVbfNBi8jOKFGD1yT48UoTK0oN by-hand\r\n";
-
-fn sorted(keys: &[String]) -> Vec<String> {
-    let mut v = keys.to_vec();
-    v.sort();
-    v
-}
 
 /// Which of the two sorted lists `lines` is, if either.
 fn which(lines: &[String], sets: &[Vec<String>; 2]) -> Option<usize> {
@@ -163,52 +158,17 @@ fn reader(
 }
 
 /// `.keysync.*` files in `dirs`.
-fn temp_files(dirs: &[PathBuf]) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    for dir in dirs {
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for entry in entries.flatten() {
-                if entry.file_name().to_string_lossy().starts_with(".keysync.") {
-                    found.push(entry.path());
-                }
-            }
-        }
-    }
-    found
+fn temps(dirs: &[PathBuf]) -> Vec<PathBuf> {
+    dirs.iter().flat_map(|d| temp_files(d)).collect()
 }
 
-fn log_tail(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
-fn config(env: &TestEnv, url: &str) -> String {
-    format!(
-        r#"state_dir = "{state}"
-health_socket = "{socket}"
-
-[sources.account]
-kind = "vast"
-url = "{url}"
-api_key_env = "KEYSYNC_TEST_API_KEY"
-interval = "50ms"
-jitter = "0s"
-timeout = "2s"
-max_backoff = "200ms"
-
-[[users]]
-name = "root"
-sources = ["account"]
-write = "block"
-path = "{target}"
-
-[policy]
-confirm_delay = "10ms"
-"#,
-        state = env.state_dir().display(),
-        socket = env.socket().display(),
-        target = env.target().display(),
-    )
+/// Fast polls, fast backoff and a short confirmation: many flips and many
+/// mass removals confirmed during the chaos.
+fn config(env: &TestEnv, url: &str) -> Config {
+    Config::vast(env, url)
+        .set("interval", "50ms")
+        .set("max_backoff", "200ms")
+        .policy("confirm_delay", "10ms")
 }
 
 /// The agent, quiet: at debug level 600 flips of 300 keys would log gigabytes.
@@ -222,18 +182,107 @@ fn holds(path: &Path, classify: Classify, sets: &[Vec<String>; 2], want: usize) 
     std::fs::read(path).is_ok_and(|b| classify(&b, sets) == Ok(want))
 }
 
+/// Flips the fake between the two lists every 50 ms until `stop`, from a
+/// thread of its own (the fake is driven by plain synchronous calls);
+/// returns the number of flips.
+fn flipper(
+    cp: Arc<FakeControlPlane>,
+    lists: [Vec<String>; 2],
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut i = 0usize;
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+            i += 1;
+            cp.set_keys(lists[i % 2].clone());
+        }
+        i as u64
+    })
+}
+
+/// What the kills did.
+struct Kills {
+    kills: usize,
+    /// Kills after which a `.keysync.*` file was left.
+    leaving_temps: usize,
+    took: Duration,
+}
+
+/// SIGKILLs the agent at random moments (20 ms to 1 s apart), restarting
+/// it each time, for [`CHAOS`] and [`MIN_KILLS`] at the least; returns the
+/// agent still running.
+fn kill_repeatedly(env: &TestEnv, temp_dirs: &[PathBuf]) -> (Agent, Kills) {
+    let started = Instant::now();
+    let (mut kills, mut leaving_temps) = (0usize, 0usize);
+    let mut agent = spawn(env);
+    while started.elapsed() < CHAOS || kills < MIN_KILLS {
+        std::thread::sleep(Duration::from_millis(fastrand::u64(20..=1000)));
+        assert!(
+            agent.alive(),
+            "the agent died on its own:\n{}",
+            agent.log_tail()
+        );
+        agent.kill();
+        kills += 1;
+        if !temps(temp_dirs).is_empty() {
+            leaving_temps += 1;
+        }
+        agent = spawn(env);
+    }
+    let took = started.elapsed();
+    (
+        agent,
+        Kills {
+            kills,
+            leaving_temps,
+            took,
+        },
+    )
+}
+
+/// A clean stop, then leftovers as a kill at the worst moment leaves them
+/// (besides any the kills left): the next start removes them although
+/// there is nothing to write, and leaves the target as it was.
+fn leftovers_go_at_the_next_start(
+    agent: Agent,
+    env: &TestEnv,
+    temp_dirs: &[PathBuf],
+    still: impl Fn() -> bool,
+) {
+    let (status, _) = agent.stop(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    for dir in temp_dirs {
+        std::fs::write(dir.join(".keysync.leftover"), b"half a file").expect("plant leftover");
+    }
+    let agent = spawn(env);
+    let cleaned = eventually(DEADLINE, || temps(temp_dirs).is_empty());
+    assert!(
+        cleaned,
+        "leftovers not removed at start: {:?}\n{}",
+        temps(temp_dirs),
+        agent.log_tail()
+    );
+    assert!(still(), "the target changed at the quiet start");
+    let (status, _) = agent.stop(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        temps(temp_dirs),
+        Vec::<PathBuf>::new(),
+        "temp files after a clean stop"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_at_random_moments_never_tears_a_file() {
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    cp.set_empty_is_404(false);
-    blocking(move || {
+    let s = Scenario::new().await;
+    s.cp.set_empty_is_404(false);
+    s.run(|Scenario { cp, env }| {
         let all = gen_ed25519_keys(600);
         let lists = [all[..300].to_vec(), all[300..].to_vec()];
         let sets = [sorted(&lists[0]), sorted(&lists[1])];
         cp.set_keys(lists[0].clone());
 
-        let env = TestEnv::new();
         let target = env.target();
         let ssh = target.parent().expect("parent").to_path_buf();
         std::fs::create_dir_all(&ssh).expect("mkdir");
@@ -241,7 +290,7 @@ async fn sigkill_at_random_moments_never_tears_a_file() {
         // the agent takes over in place.
         let initial = format!("{BEFORE}{BEGIN}\nssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIQqCk/WCCVJSnO/aqHWoU9WSh+5VYPMIdi/n06c9h+i old\n{END}\n{AFTER}");
         std::fs::write(&target, &initial).expect("target");
-        env.write_config(&config(&env, &cp.url()));
+        env.write_config(config(&env, &cp.url()));
         let cache = env.state_dir().join("users/root.keys");
         let state = env.state_dir().join("sources/account.json");
         let temp_dirs = [ssh.clone(), env.state_dir().join("users"), env.state_dir().join("sources")];
@@ -259,44 +308,12 @@ async fn sigkill_at_random_moments_never_tears_a_file() {
             );
             std::thread::spawn(move || reader(files, initial, sets, stop, seen))
         };
-        // The fake is driven by plain synchronous calls, from its own thread.
         let cp = Arc::new(cp);
-        let flips = Arc::new(AtomicU64::new(0));
-        let flip_thread = {
-            let (stop, lists, cp, flips) = (
-                stop_flips.clone(),
-                lists.clone(),
-                cp.clone(),
-                flips.clone(),
-            );
-            std::thread::spawn(move || {
-                let mut i = 0usize;
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(50));
-                    i += 1;
-                    cp.set_keys(lists[i % 2].clone());
-                    flips.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        };
+        let flip_thread = flipper(cp.clone(), lists.clone(), stop_flips.clone());
 
-        let started = Instant::now();
-        let mut kills = 0usize;
-        let mut kills_leaving_temps = 0usize;
-        let mut agent = spawn(&env);
-        while started.elapsed() < CHAOS || kills < MIN_KILLS {
-            std::thread::sleep(Duration::from_millis(fastrand::u64(20..=1000)));
-            assert!(agent.alive(), "the agent died on its own:\n{}", log_tail(&agent.log_text()));
-            agent.kill();
-            kills += 1;
-            if !temp_files(&temp_dirs).is_empty() {
-                kills_leaving_temps += 1;
-            }
-            agent = spawn(&env);
-        }
+        let (agent, chaos) = kill_repeatedly(&env, &temp_dirs);
         stop_flips.store(true, Ordering::Relaxed);
-        flip_thread.join().expect("flipper");
-        let flips = flips.load(Ordering::Relaxed);
+        let flips = flip_thread.join().expect("flipper");
 
         // Calm: the last list is B or A; the agent (still running) converges
         // to it and the reader keeps checking meanwhile.
@@ -310,40 +327,25 @@ async fn sigkill_at_random_moments_never_tears_a_file() {
         stop_reader.store(true, Ordering::Relaxed);
         reader.join().expect("reader");
         let log = agent.log_text();
-        assert!(converged, "no convergence after the chaos:\n{}", log_tail(&log));
+        assert!(converged, "no convergence after the chaos:\n{}", agent.log_tail());
 
         let reads = seen.reads.load(Ordering::Relaxed);
         let (saw_a, saw_b) = (seen.target_a.load(Ordering::Relaxed), seen.target_b.load(Ordering::Relaxed));
         eprintln!(
-            "crash: {kills} SIGKILLs ({kills_leaving_temps} left a temp file) in {:.1} s, {flips} flips, \
+            "crash: {} SIGKILLs ({} left a temp file) in {:.1} s, {flips} flips, \
              {reads} read rounds (target showed A {saw_a}x, B {saw_b}x), 0 torn reads allowed",
-            started.elapsed().as_secs_f64()
+            chaos.kills,
+            chaos.leaving_temps,
+            chaos.took.as_secs_f64()
         );
         let torn = seen.torn.lock().unwrap_or_else(|p| p.into_inner()).clone();
         assert!(torn.is_empty(), "{} torn read(s):\n{}", torn.len(), torn.join("\n"));
         assert!(saw_a > 0 && saw_b > 0, "the target never showed both lists (A {saw_a}, B {saw_b}): nothing was tested");
-        assert!(!log.contains("ignoring corrupt last good state"), "a kill corrupted the state:\n{}", log_tail(&log));
+        assert!(!log.contains("ignoring corrupt last good state"), "a kill corrupted the state:\n{}", agent.log_tail());
 
-        // A clean stop, then leftovers as a kill at the worst moment leaves
-        // them (besides any the kills left): the next start removes them
-        // although there is nothing to write.
-        let (status, _) = agent.stop(Duration::from_secs(10));
-        assert!(status.success(), "{status:?}");
-        for dir in &temp_dirs {
-            std::fs::write(dir.join(".keysync.leftover"), b"half a file").expect("plant leftover");
-        }
-        let agent = spawn(&env);
-        let cleaned = eventually(DEADLINE, || temp_files(&temp_dirs).is_empty());
-        assert!(
-            cleaned,
-            "leftovers not removed at start: {:?}\n{}",
-            temp_files(&temp_dirs),
-            log_tail(&agent.log_text())
-        );
-        assert!(holds(&target, classify_target, &sets, want), "the target changed at the quiet start");
-        let (status, _) = agent.stop(Duration::from_secs(10));
-        assert!(status.success(), "{status:?}");
-        assert_eq!(temp_files(&temp_dirs), Vec::<PathBuf>::new(), "temp files after a clean stop");
+        leftovers_go_at_the_next_start(agent, &env, &temp_dirs, || {
+            holds(&target, classify_target, &sets, want)
+        });
     })
     .await;
 }

@@ -15,22 +15,22 @@
 //! Needs root (useradd, sshd, the agent's fsuid switch). Without root the
 //! tests say so loudly and pass, except under CI=true, where they fail.
 
-mod support;
-
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Mutex;
 use std::time::Duration;
 
-use support::agent::{TestEnv, bin, block_keys, eventually, is_root};
-use support::fake_cp::FakeControlPlane;
+use crate::support::block::block_keys;
+use crate::support::config::{Config, User};
+use crate::support::env::{TestEnv, bin};
+use crate::support::files::chmod;
+use crate::support::scenario::{Scenario, with_no_keys};
+use crate::support::users::TestUser;
+use crate::support::{eventually, is_root, log_tail, output_within, text};
 
 const SSHD: &str = "/usr/sbin/sshd";
 
-/// True when the test can run; false (after a loud message) when it must
-/// be skipped on a developer machine. Under CI it panics instead.
-fn can_run(test: &str) -> bool {
+/// True when the test can run here: as root, with sshd installed.
+fn sshd_can_run(test: &str) -> bool {
     let missing = if !is_root() {
         Some("it must run as root (useradd, sshd)")
     } else if !Path::new(SSHD).exists() {
@@ -38,117 +38,7 @@ fn can_run(test: &str) -> bool {
     } else {
         None
     };
-    let Some(why) = missing else { return true };
-    if std::env::var_os("CI").is_some() {
-        panic!("{test}: {why}; under CI this test must run");
-    }
-    eprintln!("\n!!!!!!!! SKIPPED {test}: {why} !!!!!!!!\n");
-    false
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn chmod(path: &Path, mode: u32) {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
-}
-
-/// useradd/usermod/userdel lock /etc/passwd; tests in this binary run in
-/// parallel, so they take turns, and retry when another process holds it.
-static ACCOUNTS: Mutex<()> = Mutex::new(());
-
-fn account_command(program: &str, args: &[&str]) -> Output {
-    let _turn = ACCOUNTS.lock().unwrap_or_else(|e| e.into_inner());
-    let mut last = None;
-    eventually(Duration::from_secs(20), || {
-        let out = Command::new(program).args(args).output().expect(program);
-        // 1 is "cannot lock /etc/passwd; try again later" (and other
-        // update failures); anything else is final.
-        let retry = out.status.code() == Some(1);
-        last = Some(out);
-        !retry
-    });
-    last.expect("ran at least once")
-}
-
-/// A real account, removed with its home on drop.
-struct TestUser {
-    name: String,
-    uid: u32,
-    gid: u32,
-    home: PathBuf,
-}
-
-impl TestUser {
-    /// `useradd -m` with a normal home under /home and a shell, unlocked
-    /// for public-key logins (password `*`: no password works, the account
-    /// is not locked, which sshd checks without PAM).
-    fn login_user(name: &str) -> TestUser {
-        Self::create(name, &["-m", "-s", "/bin/sh"]);
-        let out = account_command("usermod", &["-p", "*", name]);
-        assert!(out.status.success(), "usermod -p: {}", text(&out.stderr));
-        Self::lookup(name)
-    }
-
-    /// A user with no home and no shell that may read root-group files: the
-    /// stand-in for the packaged `keysync` user, whose group owns the caches
-    /// (here the caches are root:root 0640, as without a keysync group).
-    fn hook_user(name: &str) -> TestUser {
-        Self::create(name, &["-M", "-s", "/usr/sbin/nologin", "-G", "root"]);
-        Self::lookup(name)
-    }
-
-    fn create(name: &str, flags: &[&str]) {
-        let mut args = flags.to_vec();
-        args.push(name);
-        let mut out = account_command("useradd", &args);
-        if out.status.code() == Some(9) {
-            // Left over from a crashed run with the same pid.
-            let _ = account_command("userdel", &["-r", name]);
-            out = account_command("useradd", &args);
-        }
-        assert!(
-            out.status.success(),
-            "useradd {args:?}: {}",
-            text(&out.stderr)
-        );
-    }
-
-    fn lookup(name: &str) -> TestUser {
-        let user = nix::unistd::User::from_name(name)
-            .expect("getpwnam")
-            .unwrap_or_else(|| panic!("{name} was just created"));
-        TestUser {
-            name: name.to_string(),
-            uid: user.uid.as_raw(),
-            gid: user.gid.as_raw(),
-            home: user.dir,
-        }
-    }
-
-    /// Writes `~/.ssh/<file>` the way the user would by hand: .ssh 0700 and
-    /// the file 0600, both owned by the user.
-    fn write_by_hand(&self, file: &str, content: &str) {
-        let ssh = self.home.join(".ssh");
-        std::fs::create_dir_all(&ssh).expect("mkdir .ssh");
-        let path = ssh.join(file);
-        std::fs::write(&path, content).expect("write by hand");
-        for (p, mode) in [(&ssh, 0o700), (&path, 0o600)] {
-            chmod(p, mode);
-            std::os::unix::fs::chown(p, Some(self.uid), Some(self.gid)).expect("chown");
-        }
-    }
-}
-
-impl Drop for TestUser {
-    fn drop(&mut self) {
-        let out = account_command("userdel", &["-r", &self.name]);
-        if !out.status.success() {
-            eprintln!("warning: userdel -r {}: {}", self.name, text(&out.stderr));
-        }
-    }
+    crate::support::can_run(test, missing)
 }
 
 /// An ed25519 client key made by ssh-keygen.
@@ -263,16 +153,14 @@ impl Sshd {
     }
 
     fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        log_tail(&std::fs::read_to_string(&self.log).unwrap_or_default())
     }
 
     /// `ssh … USER@127.0.0.1 true` with only `key`, no config files, no
     /// agent, no prompts. Fails the test if it has not finished after 60 s.
     fn ssh(&self, user: &str, key: &ClientKey) -> Output {
-        let mut child = Command::new("ssh")
-            .args(["-F", "/dev/null", "-i"])
+        let mut ssh = Command::new("ssh");
+        ssh.args(["-F", "/dev/null", "-i"])
             .arg(&key.private)
             .arg("-p")
             .arg(self.port.to_string())
@@ -295,18 +183,8 @@ impl Sshd {
             .arg(format!("{user}@127.0.0.1"))
             .arg("true")
             .env_remove("SSH_AUTH_SOCK")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ssh");
-        let finished = eventually(Duration::from_secs(60), || {
-            matches!(child.try_wait(), Ok(Some(_)))
-        });
-        if !finished {
-            let _ = child.kill();
-        }
-        let out = child.wait_with_output().expect("wait for ssh");
+            .stdin(Stdio::null());
+        let (finished, out) = output_within(&mut ssh, Duration::from_secs(60));
         assert!(
             finished,
             "ssh did not finish within 60 s\nsshd log:\n{}",
@@ -390,31 +268,14 @@ impl Mode {
     }
 }
 
-fn agent_config(env: &TestEnv, url: &str, user: &str, mode: Mode) -> String {
-    format!(
-        r#"state_dir = "{state}"
-health_socket = "{socket}"
-
-[sources.account]
-kind = "vast"
-url = "{url}"
-api_key_env = "KEYSYNC_TEST_API_KEY"
-interval = "60s"
-jitter = "0s"
-timeout = "5s"
-
-[[users]]
-name = "{user}"
-sources = ["account"]
-write = "{write}"
-
-[policy]
-confirm_delay = "300ms"
-"#,
-        state = env.state_dir().display(),
-        socket = env.socket().display(),
-        write = mode.write(),
-    )
+/// Polls only when told (`run --once` here); the user in the mode under test,
+/// at the mode's default path.
+fn agent_config(env: &TestEnv, url: &str, user: &str, mode: Mode) -> Config {
+    Config::vast(env, url)
+        .set("interval", "60s")
+        .set("timeout", "5s")
+        .unset("max_backoff")
+        .only_user(User::new(user, mode.write()))
 }
 
 struct Hook<'a> {
@@ -480,8 +341,8 @@ fn sync(env: &TestEnv, what: &str) {
     );
 }
 
-fn scenario(cp: &FakeControlPlane, mode: Mode) {
-    let env = TestEnv::new();
+fn scenario(s: &Scenario, mode: Mode) {
+    let (cp, env) = (&s.cp, &s.env);
     // The hook user reaches the state dir through group root (see hook_user).
     chmod(env.path(), 0o750);
     let names = format!("kst{}{}", std::process::id(), mode.tag());
@@ -505,7 +366,7 @@ fn scenario(cp: &FakeControlPlane, mode: Mode) {
     }
 
     cp.set_keys([added_first.public.clone()]);
-    env.write_config(&agent_config(&env, &cp.url(), &user.name, mode));
+    env.write_config(agent_config(env, &cp.url(), &user.name, mode));
     let state = env.state_dir();
     let hook_path = hook_binary.as_ref().map(HookBinary::path);
     let hook = hook_user
@@ -518,24 +379,25 @@ fn scenario(cp: &FakeControlPlane, mode: Mode) {
         });
     let mut sshd = Sshd::start(env.path(), &sshd_config(env.path(), &user.name, mode, hook));
     let name = &user.name;
+    // The key put into authorized_keys by hand logs in throughout (block and fragment mode).
+    let foreign_logs_in = |sshd: &mut Sshd, when: &str| {
+        if has_foreign {
+            let why = format!("the key put into authorized_keys by hand, {when}");
+            sshd.assert_logs_in(name, &foreign, &why);
+        }
+    };
 
     // Before any sync, the account's key is not known to sshd: this sshd
     // does not let just any key in.
     sshd.assert_refused(name, &added_first, "before the first sync");
-    if has_foreign {
-        sshd.assert_logs_in(
-            name,
-            &foreign,
-            "the key put into authorized_keys by hand, before any sync",
-        );
-    }
+    foreign_logs_in(&mut sshd, "before any sync");
 
-    sync(&env, "first key on the account");
+    sync(env, "first key on the account");
     sshd.assert_logs_in(name, &added_first, "the account's key after the first sync");
     sshd.assert_refused(name, &added_later, "a key not yet on the account");
 
     cp.add_key(&added_later.public);
-    sync(&env, "second key added on the account");
+    sync(env, "second key added on the account");
     sshd.assert_logs_in(
         name,
         &added_later,
@@ -547,20 +409,14 @@ fn scenario(cp: &FakeControlPlane, mode: Mode) {
         cp.remove_key(&added_first.public),
         "the fake had the first key"
     );
-    sync(&env, "first key deleted on the account");
+    sync(env, "first key deleted on the account");
     sshd.assert_refused(
         name,
         &added_first,
         "the key deleted on the account must be refused after the sync (ssh exit 255)",
     );
     sshd.assert_logs_in(name, &added_later, "the key still on the account");
-    if has_foreign {
-        sshd.assert_logs_in(
-            name,
-            &foreign,
-            "the key put into authorized_keys by hand, after the syncs",
-        );
-    }
+    foreign_logs_in(&mut sshd, "after the syncs");
 
     // What ended up on disk, for each mode.
     let ssh_dir = user.home.join(".ssh");
@@ -602,38 +458,33 @@ fn scenario(cp: &FakeControlPlane, mode: Mode) {
 /// Runs a scenario on a blocking thread (ssh, sshd and the agent block)
 /// while the fake control plane is served by the test's runtime.
 async fn run(mode: Mode) {
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    let outcome = tokio::task::spawn_blocking(move || scenario(&cp, mode)).await;
-    if let Err(e) = outcome {
-        std::panic::resume_unwind(e.into_panic());
-    }
+    with_no_keys(move |s| scenario(&s, mode)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn block_mode_logins_follow_the_account() {
-    if can_run("block_mode_logins_follow_the_account") {
+    if sshd_can_run("block_mode_logins_follow_the_account") {
         run(Mode::Block).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn fragment_mode_logins_follow_the_account() {
-    if can_run("fragment_mode_logins_follow_the_account") {
+    if sshd_can_run("fragment_mode_logins_follow_the_account") {
         run(Mode::Fragment).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn none_mode_logins_go_through_the_hook() {
-    if can_run("none_mode_logins_go_through_the_hook") {
+    if sshd_can_run("none_mode_logins_go_through_the_hook") {
         run(Mode::None { fingerprint: false }).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn none_mode_with_fingerprint_argument() {
-    if can_run("none_mode_with_fingerprint_argument") {
+    if sshd_can_run("none_mode_with_fingerprint_argument") {
         run(Mode::None { fingerprint: true }).await;
     }
 }

@@ -19,41 +19,28 @@
 //!
 //! Needs root (useradd, chown, setfsuid).
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
+use std::fs::Metadata;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use keysync::write::{self, FileSpec, Outcome, WriteError};
 use nix::unistd::{Gid, Uid};
-use support::agent::{TestEnv, bin, block_keys, blocking, eventually, require_root};
-use support::fake_cp::{FakeControlPlane, gen_ed25519_keys};
-use support::users::TestUser;
 
-/// Generous deadline for "eventually" conditions on a loaded 2-core machine.
-const DEADLINE: Duration = Duration::from_secs(20);
-/// A `run --once` that has not exited by then hangs.
-const HANG: Duration = Duration::from_secs(60);
-
-fn chmod(path: &Path, mode: u32) {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
-}
-
-fn lchown(path: &Path, uid: u32, gid: u32) {
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
-        .unwrap_or_else(|e| panic!("lchown {}: {e}", path.display()));
-}
-
-// ---------------------------------------------------------------------------
-// Real users
+use crate::support::block::block_keys;
+use crate::support::config::{Config, User};
+use crate::support::env::TestEnv;
+use crate::support::fake_cp::gen_ed25519_keys;
+use crate::support::files::{chmod, lchown};
+use crate::support::scenario::with_no_keys;
+use crate::support::users::TestUser;
+use crate::support::{DEADLINE, eventually, require_root, sorted};
 
 // ---------------------------------------------------------------------------
 // Snapshots: everything about a tree that a write could change
@@ -164,57 +151,7 @@ fn assert_etc_untouched(what: &str) {
 }
 
 // ---------------------------------------------------------------------------
-// Running the agent
-
-fn status_json(env: &TestEnv) -> serde_json::Value {
-    let out = Command::new(bin())
-        .args(["status", "--json", "--socket"])
-        .arg(env.socket())
-        .output()
-        .expect("run keysync status");
-    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-}
-
-/// `run --once`, killed and reported if it hangs.
-fn run_once(env: &TestEnv) -> (i32, String) {
-    let log = env.path().join("once.log");
-    let mut child = Command::new(bin())
-        .args(["run", "--once", "--config"])
-        .arg(env.config_path())
-        .env("KEYSYNC_TEST_API_KEY", "test-token")
-        .env("KEYSYNC_LOG", "info")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("JOURNAL_STREAM")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("spawn keysync");
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return (
-                status.code().unwrap_or(-1),
-                std::fs::read_to_string(&log).unwrap_or_default(),
-            );
-        }
-        if started.elapsed() > HANG {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "run --once hung:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn sorted(keys: &[String]) -> Vec<String> {
-    let mut v = keys.to_vec();
-    v.sort();
-    v
-}
+// The zoo
 
 /// One inhabitant of the zoo and what must happen to it.
 struct Case {
@@ -235,19 +172,27 @@ impl Case {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn zoo_of_hostile_homes_each_gets_its_defined_outcome_and_nothing_lands_elsewhere() {
-    if !require_root(
-        "zoo_of_hostile_homes_each_gets_its_defined_outcome_and_nothing_lands_elsewhere",
-    ) {
-        return;
-    }
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    blocking(move || {
-        let keys = gen_ed25519_keys(4);
-        cp.set_keys(keys[..2].to_vec());
-        let env = TestEnv::new();
+const DEFAULT_PATH: &str = "~/.ssh/authorized_keys";
+
+/// The users' homes, a root-owned victim next to them, and what both
+/// looked like before the agent ran.
+struct Zoo {
+    cases: Vec<Case>,
+    homes: PathBuf,
+    victim: PathBuf,
+    /// Where the dangling link points: it must never be created.
+    nowhere: PathBuf,
+    /// Where writes belong: the ordinary user's .ssh, and the newline
+    /// directory (whose creation changes its home's mtime).
+    writable: [PathBuf; 2],
+    homes_before: BTreeMap<PathBuf, Entry>,
+    victim_before: BTreeMap<PathBuf, Entry>,
+    nl_home_before: Metadata,
+}
+
+impl Zoo {
+    /// Makes every inhabitant in `env`, then takes the snapshots.
+    fn build(env: &TestEnv) -> Zoo {
         // Users must be able to reach their homes below the test dir.
         chmod(env.path(), 0o755);
         let homes = env.path().join("homes");
@@ -257,74 +202,129 @@ async fn zoo_of_hostile_homes_each_gets_its_defined_outcome_and_nothing_lands_el
         let victim = env.path().join("victim");
         std::fs::create_dir(&victim).expect("victim");
         chmod(&victim, 0o755);
-        std::fs::write(victim.join("passwd"), "root:x:0:0:root:/root:/bin/bash\n").expect("victim file");
-        std::fs::write(victim.join("authorized_keys"), "ssh-ed25519 AAAA root-only\n").expect("victim file");
+        std::fs::write(victim.join("passwd"), "root:x:0:0:root:/root:/bin/bash\n")
+            .expect("victim file");
+        std::fs::write(
+            victim.join("authorized_keys"),
+            "ssh-ed25519 AAAA root-only\n",
+        )
+        .expect("victim file");
         let nowhere = env.path().join("nowhere");
+        let cases = Self::inhabitants(&homes, &victim, &nowhere);
 
+        let nl = Self::find(&cases, "newline in the directory name");
+        let writable = [
+            Self::find(&cases, "ordinary").user.ssh(),
+            nl.target().parent().expect("parent").to_path_buf(),
+        ];
+        let nl_home_before = std::fs::symlink_metadata(&nl.user.home).expect("home");
+        let mut zoo = Zoo {
+            homes_before: BTreeMap::new(),
+            victim_before: snapshot(&victim, &[]),
+            cases,
+            homes,
+            victim,
+            nowhere,
+            writable,
+            nl_home_before,
+        };
+        zoo.homes_before = zoo.snap_homes();
+        zoo
+    }
+
+    /// The users, each with its planted trap, and the outcome it must get.
+    fn inhabitants(homes: &Path, victim: &Path, nowhere: &Path) -> Vec<Case> {
         let home = |tag: &str| homes.join(tag);
-        let default_path = "~/.ssh/authorized_keys".to_string();
         let mkssh = |u: &TestUser, mode: u32| {
             std::fs::create_dir(u.ssh()).expect("mkdir .ssh");
             chmod(&u.ssh(), mode);
             u.chown(&u.ssh());
         };
+        let case = |label, user, fails_with| Case {
+            label,
+            user,
+            path: DEFAULT_PATH.to_string(),
+            fails_with,
+        };
+        let symlink = |target: &Path, link: &Path| {
+            std::os::unix::fs::symlink(target, link).expect("symlink");
+        };
         let mut cases = Vec::new();
 
         let u = TestUser::create("ks-zoo", home("good"), true);
         mkssh(&u, 0o700);
-        cases.push(Case { label: "ordinary", user: u, path: default_path.clone(), fails_with: None });
+        cases.push(case("ordinary", u, None));
 
         let u = TestUser::create("ks-zoo", home("dangling"), true);
         mkssh(&u, 0o700);
-        std::os::unix::fs::symlink(nowhere.join("authorized_keys"), u.keys()).expect("symlink");
+        symlink(&nowhere.join("authorized_keys"), &u.keys());
         u.chown(&u.keys());
-        cases.push(Case { label: "dangling link at the file", user: u, path: default_path.clone(), fails_with: Some("symlink not owned by root") });
+        cases.push(case(
+            "dangling link at the file",
+            u,
+            Some("symlink not owned by root"),
+        ));
 
         let u = TestUser::create("ks-zoo", home("ssh-etc"), true);
-        std::os::unix::fs::symlink("/etc", u.ssh()).expect("symlink");
+        symlink(Path::new("/etc"), &u.ssh());
         u.chown(&u.ssh());
-        cases.push(Case { label: ".ssh -> /etc", user: u, path: default_path.clone(), fails_with: Some("symlink not owned by root") });
+        cases.push(case(".ssh -> /etc", u, Some("symlink not owned by root")));
 
         let u = TestUser::create("ks-zoo", home("passwd"), true);
         mkssh(&u, 0o700);
-        std::os::unix::fs::symlink("/etc/passwd", u.keys()).expect("symlink");
+        symlink(Path::new("/etc/passwd"), &u.keys());
         u.chown(&u.keys());
-        cases.push(Case { label: "authorized_keys -> /etc/passwd", user: u, path: default_path.clone(), fails_with: Some("symlink not owned by root") });
+        cases.push(case(
+            "authorized_keys -> /etc/passwd",
+            u,
+            Some("symlink not owned by root"),
+        ));
 
         let u = TestUser::create("ks-zoo", home("ssh-victim"), true);
-        std::os::unix::fs::symlink(&victim, u.ssh()).expect("symlink");
+        symlink(victim, &u.ssh());
         u.chown(&u.ssh());
-        cases.push(Case { label: ".ssh -> root's directory", user: u, path: default_path.clone(), fails_with: Some("symlink not owned by root") });
+        cases.push(case(
+            ".ssh -> root's directory",
+            u,
+            Some("symlink not owned by root"),
+        ));
 
         let u = TestUser::create("ks-zoo", home("fifo"), true);
         mkssh(&u, 0o700);
-        nix::unistd::mkfifo(&u.keys(), nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+        nix::unistd::mkfifo(&u.keys(), nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .expect("mkfifo");
         u.chown(&u.keys());
-        cases.push(Case { label: "FIFO at the file", user: u, path: default_path.clone(), fails_with: Some("not a regular file") });
+        cases.push(case("FIFO at the file", u, Some("not a regular file")));
 
         let u = TestUser::create("ks-zoo", home("dir"), true);
         mkssh(&u, 0o700);
         std::fs::create_dir(u.keys()).expect("dir at the file");
         u.chown(&u.keys());
-        cases.push(Case { label: "directory at the file", user: u, path: default_path.clone(), fails_with: Some("not a regular file") });
+        cases.push(case("directory at the file", u, Some("not a regular file")));
 
         let u = TestUser::create("ks-zoo", home("ssh000"), true);
         mkssh(&u, 0o000);
-        cases.push(Case { label: ".ssh mode 000", user: u, path: default_path.clone(), fails_with: Some("Permission denied") });
+        cases.push(case(".ssh mode 000", u, Some("Permission denied")));
 
         let u = TestUser::create("ks-zoo", home("file000"), true);
         mkssh(&u, 0o700);
         std::fs::write(u.keys(), "ssh-ed25519 AAAA the-users-own-line\n").expect("file");
         chmod(&u.keys(), 0o000);
         u.chown(&u.keys());
-        cases.push(Case { label: "authorized_keys mode 000", user: u, path: default_path.clone(), fails_with: Some("Permission denied") });
+        cases.push(case(
+            "authorized_keys mode 000",
+            u,
+            Some("Permission denied"),
+        ));
 
         // useradd refuses a newline in the home (shadow's VALID()), so the
         // newline goes into the target's directory below the home.
         let nl_name = format!("ks-zoo-nl-{:08x}", fastrand::u32(..));
         let refused = Command::new("useradd")
             .args(["-M", "-d"])
-            .arg(OsStr::from_bytes(format!("{}/new\nline", homes.display()).as_bytes()))
+            .arg(OsStr::from_bytes(
+                format!("{}/new\nline", homes.display()).as_bytes(),
+            ))
             .arg(&nl_name)
             .output()
             .expect("useradd");
@@ -333,116 +333,230 @@ async fn zoo_of_hostile_homes_each_gets_its_defined_outcome_and_nothing_lands_el
             panic!("useradd accepted a newline in a home; extend the test to use it");
         }
         let u = TestUser::create("ks-zoo", home("newline"), true);
-        cases.push(Case { label: "newline in the directory name", user: u, path: "~/new\nline/authorized_keys".into(), fails_with: None });
+        cases.push(Case {
+            path: "~/new\nline/authorized_keys".into(),
+            ..case("newline in the directory name", u, None)
+        });
 
         let u = TestUser::create("ks-zoo", home("missing"), false);
-        cases.push(Case { label: "home does not exist", user: u, path: default_path.clone(), fails_with: Some("No such file or directory") });
+        cases.push(case(
+            "home does not exist",
+            u,
+            Some("No such file or directory"),
+        ));
 
         let u = TestUser::create("ks-zoo", home("foreign-home"), true);
         let owner = &cases[0].user;
         lchown(&u.home, owner.uid, owner.gid);
         chmod(&u.home, 0o755);
-        cases.push(Case { label: "home owned by another user", user: u, path: default_path.clone(), fails_with: Some("Permission denied") });
+        cases.push(case(
+            "home owned by another user",
+            u,
+            Some("Permission denied"),
+        ));
+        cases
+    }
 
-        let users: String = cases
+    fn find<'a>(cases: &'a [Case], label: &str) -> &'a Case {
+        cases
             .iter()
-            .map(|c| {
-                format!(
-                    "\n[[users]]\nname = \"{}\"\nsources = [\"account\"]\nwrite = \"block\"\npath = {}\n",
-                    c.user.name,
-                    serde_json::to_string(&c.path).expect("toml string")
-                )
-            })
-            .collect();
-        env.write_config(&env.config_for(&cp.url(), "", &users));
+            .find(|c| c.label == label)
+            .unwrap_or_else(|| panic!("no case {label:?}"))
+    }
 
-        // Everything a write could touch, except where writes belong: the
-        // ordinary user's .ssh, and the newline directory (whose creation
-        // changes its home's mtime).
-        let nl = &cases[9];
-        let writable = [cases[0].user.ssh(), nl.target().parent().expect("parent").to_path_buf()];
-        let nl_home = nl.user.home.clone();
-        let snap_homes = || {
-            let mut s = snapshot(&homes, &writable);
-            s.remove(&nl_home);
-            s
-        };
-        let homes_before = snap_homes();
-        let victim_before = snapshot(&victim, &[]);
-        let nl_home_before = std::fs::symlink_metadata(&nl.user.home).expect("home");
+    /// The config: the standard one, plus every inhabitant in block mode.
+    fn config(&self, url: &str, env: &TestEnv) -> Config {
+        self.cases.iter().fold(Config::vast(env, url), |config, c| {
+            config.user(User::block(&c.user.name, &c.path))
+        })
+    }
 
-        let check = |what: &str, want: &[String], status: Option<&serde_json::Value>| {
-            for case in &cases {
-                let target = case.target();
-                match case.fails_with {
-                    None => {
-                        let text = std::fs::read_to_string(&target).unwrap_or_else(|e| panic!("{what}: {}: {e}", case.label));
-                        assert_eq!(sorted(&block_keys(&text)), sorted(want), "{what}: {}", case.label);
-                        let meta = std::fs::metadata(&target).expect("meta");
-                        assert_eq!((meta.uid(), meta.mode() & 0o7777), (case.user.uid, 0o600), "{what}: {}", case.label);
-                        let dir = std::fs::metadata(target.parent().expect("dir")).expect("meta");
-                        assert_eq!((dir.uid(), dir.mode() & 0o7777), (case.user.uid, 0o700), "{what}: {}", case.label);
-                        if let Some(s) = status {
-                            assert!(s["users"][&case.user.name]["last_error"].is_null(), "{what}: {} failed: {s:#}", case.label);
-                        }
-                    }
-                    Some(cause) => {
-                        if let Some(s) = status {
-                            let error = s["users"][&case.user.name]["last_error"].as_str().unwrap_or_default();
-                            assert!(error.contains(cause), "{what}: {}: expected {cause:?}, got {error:?}", case.label);
-                        }
+    /// Everything a write could touch, except where writes belong.
+    fn snap_homes(&self) -> BTreeMap<PathBuf, Entry> {
+        let mut s = snapshot(&self.homes, &self.writable);
+        s.remove(
+            &Self::find(&self.cases, "newline in the directory name")
+                .user
+                .home,
+        );
+        s
+    }
+
+    /// Whether `status` shows every inhabitant's outcome reached.
+    fn settled(&self, status: &serde_json::Value) -> bool {
+        self.cases.iter().all(|c| {
+            let u = &status["users"][&c.user.name];
+            match c.fails_with {
+                None => {
+                    u["last_error"].is_null()
+                        && u["fingerprints"].as_array().is_some_and(|f| f.len() == 2)
+                }
+                Some(cause) => u["last_error"].as_str().is_some_and(|e| e.contains(cause)),
+            }
+        })
+    }
+
+    /// Every user has its outcome (the good ones hold `want`, the others are
+    /// reported failed in `status` with their cause), and nothing outside
+    /// the users' .ssh changed.
+    fn check(&self, what: &str, want: &[String], status: Option<&serde_json::Value>) {
+        for case in &self.cases {
+            match case.fails_with {
+                None => Self::check_written(case, what, want, status),
+                Some(cause) => {
+                    if let Some(s) = status {
+                        let error = s["users"][&case.user.name]["last_error"]
+                            .as_str()
+                            .unwrap_or_default();
+                        assert!(
+                            error.contains(cause),
+                            "{what}: {}: expected {cause:?}, got {error:?}",
+                            case.label
+                        );
                     }
                 }
             }
-            assert_same(&format!("{what}: homes"), &homes_before, &snap_homes());
-            assert_same(&format!("{what}: victim"), &victim_before, &snapshot(&victim, &[]));
-            assert_etc_untouched(what);
-            assert!(!nowhere.exists(), "{what}: the dangling link's target was created");
-            let nl_home = std::fs::symlink_metadata(&nl.user.home).expect("home");
-            assert_eq!((nl_home.uid(), nl_home.mode()), (nl_home_before.uid(), nl_home_before.mode()), "{what}");
-            assert!(!cases[10].user.home.exists(), "{what}: the missing home was created");
-            assert!(!cases[11].user.ssh().exists(), "{what}: .ssh created in a home owned by another user");
-        };
+        }
+        assert_same(
+            &format!("{what}: homes"),
+            &self.homes_before,
+            &self.snap_homes(),
+        );
+        assert_same(
+            &format!("{what}: victim"),
+            &self.victim_before,
+            &snapshot(&self.victim, &[]),
+        );
+        assert_etc_untouched(what);
+        assert!(
+            !self.nowhere.exists(),
+            "{what}: the dangling link's target was created"
+        );
+        let nl = Self::find(&self.cases, "newline in the directory name");
+        let nl_home = std::fs::symlink_metadata(&nl.user.home).expect("home");
+        assert_eq!(
+            (nl_home.uid(), nl_home.mode()),
+            (self.nl_home_before.uid(), self.nl_home_before.mode()),
+            "{what}"
+        );
+        assert!(
+            !Self::find(&self.cases, "home does not exist")
+                .user
+                .home
+                .exists(),
+            "{what}: the missing home was created"
+        );
+        assert!(
+            !Self::find(&self.cases, "home owned by another user")
+                .user
+                .ssh()
+                .exists(),
+            "{what}: .ssh created in a home owned by another user"
+        );
+    }
+
+    /// A good user's file: the keys, the user's 0600 file in its 0700 dir.
+    fn check_written(case: &Case, what: &str, want: &[String], status: Option<&serde_json::Value>) {
+        let target = case.target();
+        let text = std::fs::read_to_string(&target)
+            .unwrap_or_else(|e| panic!("{what}: {}: {e}", case.label));
+        assert_eq!(
+            sorted(&block_keys(&text)),
+            sorted(want),
+            "{what}: {}",
+            case.label
+        );
+        let meta = std::fs::metadata(&target).expect("meta");
+        assert_eq!(
+            (meta.uid(), meta.mode() & 0o7777),
+            (case.user.uid, 0o600),
+            "{what}: {}",
+            case.label
+        );
+        let dir = std::fs::metadata(target.parent().expect("dir")).expect("meta");
+        assert_eq!(
+            (dir.uid(), dir.mode() & 0o7777),
+            (case.user.uid, 0o700),
+            "{what}: {}",
+            case.label
+        );
+        if let Some(s) = status {
+            assert!(
+                s["users"][&case.user.name]["last_error"].is_null(),
+                "{what}: {} failed: {s:#}",
+                case.label
+            );
+        }
+    }
+
+    fn good(&self) -> impl Iterator<Item = &Case> {
+        self.cases.iter().filter(|c| c.fails_with.is_none())
+    }
+
+    fn failing(&self) -> impl Iterator<Item = &Case> {
+        self.cases.iter().filter(|c| c.fails_with.is_some())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn zoo_of_hostile_homes_each_gets_its_defined_outcome_and_nothing_lands_elsewhere() {
+    if !require_root(
+        "zoo_of_hostile_homes_each_gets_its_defined_outcome_and_nothing_lands_elsewhere",
+    ) {
+        return;
+    }
+    with_no_keys(|s| {
+        let (cp, env) = (&s.cp, &s.env);
+        let keys = gen_ed25519_keys(4);
+        cp.set_keys(keys[..2].to_vec());
+        let zoo = Zoo::build(env);
+        env.write_config(zoo.config(&cp.url(), env));
 
         // The daemon: every user reported, the good ones written.
         let agent = env.spawn();
         let mut status = serde_json::Value::Null;
         let settled = eventually(DEADLINE, || {
-            status = status_json(&env);
-            cases.iter().all(|c| {
-                let u = &status["users"][&c.user.name];
-                match c.fails_with {
-                    None => u["last_error"].is_null() && u["fingerprints"].as_array().is_some_and(|f| f.len() == 2),
-                    Some(cause) => u["last_error"].as_str().is_some_and(|e| e.contains(cause)),
-                }
-            })
+            status = env.try_status_json();
+            zoo.settled(&status)
         });
-        assert!(settled, "outcomes not reached: {status:#}\n{}", agent.log_text());
-        check("daemon", &keys[..2], Some(&status));
+        assert!(
+            settled,
+            "outcomes not reached: {status:#}\n{}",
+            agent.log_text()
+        );
+        zoo.check("daemon", &keys[..2], Some(&status));
 
         // Nothing hangs: a change still reaches the good users.
         cp.set_keys(keys[1..].to_vec());
         let followed = eventually(DEADLINE, || {
-            cases
-                .iter()
-                .filter(|c| c.fails_with.is_none())
-                .all(|c| std::fs::read_to_string(c.target()).is_ok_and(|t| sorted(&block_keys(&t)) == sorted(&keys[1..])))
+            zoo.good().all(|c| {
+                std::fs::read_to_string(c.target())
+                    .is_ok_and(|t| sorted(&block_keys(&t)) == sorted(&keys[1..]))
+            })
         });
-        assert!(followed, "the good users stopped following the list:\n{}", agent.log_text());
-        let status = status_json(&env);
-        check("daemon after a change", &keys[1..], Some(&status));
+        assert!(
+            followed,
+            "the good users stopped following the list:\n{}",
+            agent.log_text()
+        );
+        let status = env.try_status_json();
+        zoo.check("daemon after a change", &keys[1..], Some(&status));
         let (exit, _) = agent.stop(Duration::from_secs(10));
         assert!(exit.success(), "{exit:?}");
 
         // run --once: the same outcomes, exit 1 because users failed.
         cp.set_keys(keys[2..].to_vec());
-        let (code, stderr) = run_once(&env);
-        assert_eq!(code, 1, "{stderr}");
-        for case in cases.iter().filter(|c| c.fails_with.is_some()) {
-            assert!(stderr.contains(&case.user.name), "run --once did not report {}:\n{stderr}", case.label);
+        let once = env.run_once_watched();
+        assert_eq!(once.code, 1, "{}", once.stderr);
+        for case in zoo.failing() {
+            assert!(
+                once.stderr.contains(&case.user.name),
+                "run --once did not report {}:\n{}",
+                case.label,
+                once.stderr
+            );
         }
-        check("run --once", &keys[2..], None);
-        drop(cases);
+        zoo.check("run --once", &keys[2..], None);
     })
     .await;
 }

@@ -7,88 +7,27 @@
 //! the stream being down. Timings are only ever "eventually" conditions with
 //! generous deadlines; measured latencies are printed, never asserted.
 
-mod support;
-
 use std::io::{Read, Write};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::agent::{Agent, TestEnv, bin, block_keys, eventually};
-use support::fake_cp::{
+use crate::support::agent::Agent;
+use crate::support::config::User;
+use crate::support::current_user;
+use crate::support::env::TestEnv;
+use crate::support::eventually;
+use crate::support::fake_cp::{
     Endpoint, FakeControlPlane, Fault, RequestRecord, fixture_keys, gen_ed25519_keys,
 };
+use crate::support::scenario::{Scenario, TOKEN, with_fixture};
 
-const TOKEN: &str = "test-token";
 const WAIT: Duration = Duration::from_secs(15);
 
-/// The name of the user running the tests: the agent writes a file in a
-/// scratch directory for this user, so no root is needed.
-fn me() -> String {
-    nix::unistd::User::from_uid(nix::unistd::geteuid())
-        .ok()
-        .flatten()
-        .map(|u| u.name)
-        .expect("current user has a passwd entry")
-}
-
-/// A vast source at `url` subscribed to `events`, jitter off, failures
-/// retried within a second; the user writes a managed block in the env's target.
-fn config(env: &TestEnv, url: &str, events: &str, interval: &str, resync: &str) -> String {
-    format!(
-        r#"state_dir = "{state}"
-health_socket = "{socket}"
-
-[sources.account]
-kind = "vast"
-url = "{url}"
-subscribe_url = "{events}"
-api_key_env = "KEYSYNC_TEST_API_KEY"
-interval = "{interval}"
-resync = "{resync}"
-jitter = "0s"
-timeout = "2s"
-max_backoff = "1s"
-
-[[users]]
-name = "{user}"
-sources = ["account"]
-write = "block"
-path = "{target}"
-"#,
-        state = env.state_dir().display(),
-        socket = env.socket().display(),
-        target = env.target().display(),
-        user = me(),
-    )
-}
-
-/// Runs the blocking body of a test off the runtime that serves the fake.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f)
-        .await
-        .expect("test body panicked")
-}
-
-/// `keysync status --json` of the env's agent, or Null while it does not answer.
-fn status(env: &TestEnv) -> serde_json::Value {
-    let out = Command::new(bin())
-        .args(["status", "--json", "--socket"])
-        .arg(env.socket())
-        .output()
-        .expect("run keysync status");
-    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-}
-
 fn source_status(env: &TestEnv) -> serde_json::Value {
-    status(env)["sources"]["account"].clone()
+    env.try_status_json()["sources"]["account"].clone()
 }
 
 fn stream_connected(env: &TestEnv) -> bool {
     source_status(env)["stream_connected"] == serde_json::Value::Bool(true)
-}
-
-fn keys_now(env: &TestEnv) -> Vec<String> {
-    block_keys(&env.read_target().unwrap_or_default())
 }
 
 /// A request log in one short line: `events:503 list:304 …`.
@@ -110,37 +49,72 @@ fn brief(log: &[RequestRecord]) -> String {
     format!("{} requests [{}]", items.len(), items.join(" "))
 }
 
-/// The end of the agent's log, for failure messages.
-fn log_tail(agent: &Agent) -> String {
-    let log = agent.log_text();
-    let start = log.len().saturating_sub(6000);
-    let start = (start..log.len())
-        .find(|&i| log.is_char_boundary(i))
-        .unwrap_or(log.len());
-    log[start..].to_string()
-}
-
 fn list_requests(log: &[RequestRecord]) -> Vec<&RequestRecord> {
     log.iter()
         .filter(|r| r.endpoint == Endpoint::List)
         .collect()
 }
 
-/// Starts the agent and waits for the first write and an open stream.
-fn start(env: &TestEnv, cp_streams: &FakeControlPlane, want: &[&str]) -> Agent {
-    let agent = env.spawn();
+/// Starts the agent on the fixture list with a vast source subscribed to
+/// the events of `streams` (jitter off, failures retried within a second;
+/// the user writes a managed block in the env's target), and waits for the
+/// first write and an open stream.
+fn subscribed(s: &Scenario, streams: &FakeControlPlane, interval: &str, resync: &str) -> Agent {
+    let config = s
+        .config()
+        .set("subscribe_url", streams.events_url())
+        .set("interval", interval)
+        .set("resync", resync)
+        .only_user(User::block(&current_user(), s.env.target()))
+        .no_policy();
+    let [alice, bob, _] = fixture_keys();
+    let agent = s.start(config, &[alice, bob]);
     assert!(
-        eventually(WAIT, || keys_now(env) == want),
-        "no first sync; log:\n{}",
-        log_tail(&agent)
-    );
-    assert!(
-        eventually(WAIT, || cp_streams.open_streams() >= 1
-            && stream_connected(env)),
+        eventually(WAIT, || streams.open_streams() >= 1
+            && stream_connected(&s.env)),
         "stream not connected; log:\n{}",
-        log_tail(&agent)
+        agent.log_tail()
     );
     agent
+}
+
+/// The requests that opened (or tried to open) an event stream.
+fn stream_requests(cp: &FakeControlPlane) -> Vec<RequestRecord> {
+    cp.requests()
+        .into_iter()
+        .filter(|r| r.endpoint == Endpoint::Events)
+        .collect()
+}
+
+/// Once the agent has settled, a second passes without a list request.
+fn assert_no_polls(cp: &FakeControlPlane, what: &str) {
+    settle(cp, Duration::from_millis(800));
+    cp.clear_requests();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        list_requests(&cp.requests()).is_empty(),
+        "{what}: {}",
+        brief(&cp.requests())
+    );
+}
+
+/// Waits for at least `n` list requests since the log was last cleared.
+fn wait_polls(cp: &FakeControlPlane, agent: &Agent, n: usize, what: &str) {
+    assert!(
+        eventually(WAIT, || list_requests(&cp.requests()).len() >= n),
+        "{what}: {}\nlog:\n{}",
+        brief(&cp.requests()),
+        agent.log_tail()
+    );
+}
+
+/// Waits until exactly one stream is open again and status shows it.
+fn wait_reconnected(cp: &FakeControlPlane, env: &TestEnv, agent: &Agent, what: &str) {
+    assert!(
+        eventually(WAIT, || cp.open_streams() == 1 && stream_connected(env)),
+        "{what}; log:\n{}",
+        agent.log_tail()
+    );
 }
 
 /// Waits until the agent has made no list request for `quiet`.
@@ -163,25 +137,17 @@ fn settle(cp: &FakeControlPlane, quiet: Duration) {
 /// The stream to the list's own origin carries the API key.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_event_triggers_a_fetch_and_a_write() {
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some(TOKEN));
-    cp.load_fixture();
-    blocking(move || {
+    with_fixture(|s| {
+        let (cp, env) = (&s.cp, &s.env);
         let [alice, bob, _] = fixture_keys();
-        let env = TestEnv::new();
-        env.write_config(&config(&env, &cp.url(), &cp.events_url(), "60s", "10m"));
-        let agent = start(&env, &cp, &[alice, bob]);
-        let source = source_status(&env);
+        let agent = subscribed(&s, cp, "60s", "10m");
+        let source = source_status(env);
         assert_eq!(source["mode"], "subscribe", "{source}");
         assert_eq!(source["stream_connected"], true, "{source}");
-        settle(&cp, Duration::from_millis(500));
+        settle(cp, Duration::from_millis(500));
 
         // Same origin as `url`: the stream request carries the API key.
-        let streams: Vec<RequestRecord> = cp
-            .requests()
-            .into_iter()
-            .filter(|r| r.endpoint == Endpoint::Events)
-            .collect();
+        let streams = stream_requests(cp);
         assert!(!streams.is_empty());
         for r in &streams {
             assert_eq!(
@@ -198,9 +164,9 @@ async fn an_event_triggers_a_fetch_and_a_write() {
             let changed = Instant::now();
             cp.set_keys([alice, bob, new.as_str()]);
             assert!(
-                eventually(WAIT, || keys_now(&env) == [alice, bob, new.as_str()]),
+                eventually(WAIT, || env.block_keys() == [alice, bob, new.as_str()]),
                 "event did not lead to a write; log:\n{}",
-                log_tail(&agent)
+                agent.log_tail()
             );
             let took = changed.elapsed();
             let log = cp.requests();
@@ -255,19 +221,15 @@ fn count_heartbeats(cp: &FakeControlPlane, window: Duration) -> usize {
 /// (every 100 ms here) triggers no fetch and stays open.
 #[tokio::test(flavor = "multi_thread")]
 async fn heartbeats_alone_trigger_nothing() {
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some(TOKEN));
-    cp.load_fixture();
-    cp.set_heartbeat(Duration::from_millis(100));
-    blocking(move || {
-        let [alice, bob, _] = fixture_keys();
-        let env = TestEnv::new();
-        env.write_config(&config(&env, &cp.url(), &cp.events_url(), "60s", "10m"));
-        let agent = start(&env, &cp, &[alice, bob]);
-        settle(&cp, Duration::from_millis(500));
+    let s = Scenario::with_fixture().await;
+    s.cp.set_heartbeat(Duration::from_millis(100));
+    s.run(move |s| {
+        let (cp, env) = (&s.cp, &s.env);
+        let agent = subscribed(&s, cp, "60s", "10m");
+        settle(cp, Duration::from_millis(500));
         cp.clear_requests();
         // A second reader of the same stream proves the heartbeats flow.
-        let heartbeats = count_heartbeats(&cp, Duration::from_secs(2));
+        let heartbeats = count_heartbeats(cp, Duration::from_secs(2));
         assert!(
             heartbeats >= 5,
             "the fake sent only {heartbeats} heartbeats in 2 s"
@@ -283,7 +245,7 @@ async fn heartbeats_alone_trigger_nothing() {
             2,
             "the agent's stream and ours, no reconnect"
         );
-        assert!(stream_connected(&env));
+        assert!(stream_connected(env));
         assert!(agent.log_text().contains("subscription stream connected"));
     })
     .await;
@@ -297,81 +259,54 @@ async fn heartbeats_alone_trigger_nothing() {
 /// is cut.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dropped_stream_falls_back_to_polling_and_resumes_with_last_event_id() {
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some(TOKEN));
-    cp.load_fixture();
-    blocking(move || {
+    with_fixture(|s| {
+        let (cp, env) = (&s.cp, &s.env);
         let [alice, bob, _] = fixture_keys();
         let extra = gen_ed25519_keys(3);
-        let env = TestEnv::new();
-        env.write_config(&config(&env, &cp.url(), &cp.events_url(), "300ms", "60s"));
-        let agent = start(&env, &cp, &[alice, bob]);
+        let agent = subscribed(&s, cp, "300ms", "60s");
 
         // An event the agent sees: its Last-Event-ID becomes this generation.
         cp.set_keys([alice, bob, extra[0].as_str()]);
         let seen_generation = cp.generation();
-        assert!(eventually(WAIT, || keys_now(&env) == [alice, bob, extra[0].as_str()]));
-        settle(&cp, Duration::from_millis(800));
-        cp.clear_requests();
-        std::thread::sleep(Duration::from_secs(1));
-        assert!(
-            list_requests(&cp.requests()).is_empty(),
-            "polls while the stream is up: {}",
-            brief(&cp.requests())
-        );
+        assert!(eventually(WAIT, || env.block_keys() == [alice, bob, extra[0].as_str()]));
+        assert_no_polls(cp, "polls while the stream is up");
 
         // 1. The stream ends and reconnecting fails; the list still answers.
         cp.set_events_fault(Fault::server_error(503), None);
         cp.drop_streams();
         assert!(
-            eventually(WAIT, || !stream_connected(&env)),
+            eventually(WAIT, || !stream_connected(env)),
             "status still shows the stream connected; log:\n{}",
-            log_tail(&agent)
+            agent.log_tail()
         );
         cp.clear_requests();
-        assert!(
-            eventually(WAIT, || list_requests(&cp.requests()).len() >= 4),
-            "no polling while the stream is down: {}\nlog:\n{}",
-            brief(&cp.requests()),
-            log_tail(&agent)
-        );
+        wait_polls(cp, &agent, 4, "no polling while the stream is down");
         assert_eq!(cp.open_streams(), 0);
-        assert_eq!(source_status(&env)["mode"], "subscribe");
+        assert_eq!(source_status(env)["mode"], "subscribe");
         // A change while the stream is down arrives by polling.
         cp.set_keys([alice, bob, extra[1].as_str()]);
         assert!(
-            eventually(WAIT, || keys_now(&env) == [alice, bob, extra[1].as_str()]),
+            eventually(WAIT, || env.block_keys() == [alice, bob, extra[1].as_str()]),
             "polling did not deliver the change; log:\n{}",
-            log_tail(&agent)
+            agent.log_tail()
         );
 
         // The stream comes back: reconnect with the last ID seen, then no more polls.
         cp.clear_requests();
         cp.clear_fault();
-        assert!(
-            eventually(WAIT, || cp.open_streams() == 1 && stream_connected(&env)),
-            "no reconnect; log:\n{}",
-            log_tail(&agent)
-        );
+        wait_reconnected(cp, env, &agent, "no reconnect");
         let ids = cp.last_event_ids();
         assert_eq!(
             ids.last().cloned().flatten(),
             Some(seen_generation.to_string()),
             "reconnect without the right Last-Event-ID: {ids:?}"
         );
-        settle(&cp, Duration::from_millis(800));
-        cp.clear_requests();
-        std::thread::sleep(Duration::from_secs(1));
-        assert!(
-            list_requests(&cp.requests()).is_empty(),
-            "still polling after the reconnect: {}",
-            brief(&cp.requests())
-        );
+        assert_no_polls(cp, "still polling after the reconnect");
 
         // 2. A whole outage: the stream is cut and the list answers 503.
         let generation = cp.generation();
         cp.set_down(true);
-        assert!(eventually(WAIT, || !stream_connected(&env)));
+        assert!(eventually(WAIT, || !stream_connected(env)));
         cp.clear_requests();
         assert!(
             eventually(WAIT, || list_requests(&cp.requests())
@@ -381,19 +316,15 @@ async fn a_dropped_stream_falls_back_to_polling_and_resumes_with_last_event_id()
                 >= 3),
             "no polls during the outage: {}\nlog:\n{}",
             brief(&cp.requests()),
-            log_tail(&agent)
+            agent.log_tail()
         );
         assert_eq!(
-            keys_now(&env),
+            env.block_keys(),
             [alice, bob, extra[1].as_str()],
             "last good keys kept"
         );
         cp.set_down(false);
-        assert!(
-            eventually(WAIT, || cp.open_streams() == 1 && stream_connected(&env)),
-            "no reconnect after the outage; log:\n{}",
-            log_tail(&agent)
-        );
+        wait_reconnected(cp, env, &agent, "no reconnect after the outage");
         assert_eq!(
             cp.last_event_ids().last().cloned().flatten(),
             Some(generation.to_string()),
@@ -402,7 +333,7 @@ async fn a_dropped_stream_falls_back_to_polling_and_resumes_with_last_event_id()
         );
         // And events work again.
         cp.set_keys([alice, bob, extra[2].as_str()]);
-        assert!(eventually(WAIT, || keys_now(&env) == [alice, bob, extra[2].as_str()]));
+        assert!(eventually(WAIT, || env.block_keys() == [alice, bob, extra[2].as_str()]));
     })
     .await;
 }
@@ -412,22 +343,12 @@ async fn a_dropped_stream_falls_back_to_polling_and_resumes_with_last_event_id()
 /// fetches keep coming, and the quiet stream is not mistaken for a dead one.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_silent_stream_still_resyncs() {
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some(TOKEN));
-    cp.load_fixture();
-    blocking(move || {
-        let [alice, bob, _] = fixture_keys();
-        let env = TestEnv::new();
-        env.write_config(&config(&env, &cp.url(), &cp.events_url(), "60s", "500ms"));
-        let agent = start(&env, &cp, &[alice, bob]);
+    with_fixture(|s| {
+        let (cp, env) = (&s.cp, &s.env);
+        let agent = subscribed(&s, cp, "60s", "500ms");
         cp.clear_requests();
         let started = Instant::now();
-        assert!(
-            eventually(WAIT, || list_requests(&cp.requests()).len() >= 4),
-            "no resync fetches: {}\nlog:\n{}",
-            brief(&cp.requests()),
-            log_tail(&agent)
-        );
+        wait_polls(cp, &agent, 4, "no resync fetches");
         let took = started.elapsed();
         let log = cp.requests();
         let fetches = list_requests(&log);
@@ -447,7 +368,7 @@ async fn a_silent_stream_still_resyncs() {
             1,
             "the quiet stream was reopened"
         );
-        assert!(stream_connected(&env));
+        assert!(stream_connected(env));
     })
     .await;
 }
@@ -456,24 +377,17 @@ async fn a_silent_stream_still_resyncs() {
 /// header; its events still trigger fetches of `url`, which does.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_api_key_goes_to_the_stream_only_on_the_same_origin() {
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some(TOKEN));
-    cp.load_fixture();
+    let s = Scenario::with_fixture().await;
     // The hub: another port, no token required.
     let hub = FakeControlPlane::start().await;
-    blocking(move || {
+    s.run(move |s| {
+        let (cp, env) = (&s.cp, &s.env);
         let [alice, bob, _] = fixture_keys();
         let carol = gen_ed25519_keys(1).pop().expect("a key");
-        let env = TestEnv::new();
-        env.write_config(&config(&env, &cp.url(), &hub.events_url(), "60s", "10m"));
-        let agent = start(&env, &hub, &[alice, bob]);
-        settle(&cp, Duration::from_millis(500));
+        let agent = subscribed(&s, &hub, "60s", "10m");
+        settle(cp, Duration::from_millis(500));
 
-        let streams: Vec<RequestRecord> = hub
-            .requests()
-            .into_iter()
-            .filter(|r| r.endpoint == Endpoint::Events)
-            .collect();
+        let streams = stream_requests(&hub);
         assert!(!streams.is_empty());
         for r in &streams {
             assert_eq!(
@@ -492,9 +406,9 @@ async fn the_api_key_goes_to_the_stream_only_on_the_same_origin() {
         cp.clear_requests();
         hub.set_keys(["anything"]);
         assert!(
-            eventually(WAIT, || keys_now(&env) == [alice, bob, carol.as_str()]),
+            eventually(WAIT, || env.block_keys() == [alice, bob, carol.as_str()]),
             "the hub's event did not lead to a fetch; log:\n{}",
-            log_tail(&agent)
+            agent.log_tail()
         );
         let log = cp.requests();
         assert!(!log.is_empty());

@@ -12,9 +12,9 @@
 //! plain synchronous call (std `Mutex`, tokio channels that need no runtime),
 //! so it can be driven from any thread.
 //!
-//! The file is self-contained so it can be included as `mod support;`
-//! (`tests/support/mod.rs`) or with `#[path = "../tests/support/fake_cp.rs"]`
-//! from examples and benchmarks. Nothing here may panic on what a client
+//! The file is self-contained so it can be a module of the tests' support
+//! tree (`tests/it/support/mod.rs`) and be included with
+//! `#[path = "../tests/it/support/fake_cp.rs"]` from examples and benchmarks. Nothing here may panic on what a client
 //! sends: odd requests get an HTTP answer, never an `unwrap`.
 
 // Every includer uses a different subset of the helpers.

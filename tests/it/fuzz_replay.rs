@@ -4,7 +4,7 @@
 //! A new finding is added by copying its minimized input into the target's
 //! directory (see docs/security.md).
 
-#[path = "../fuzz/props.rs"]
+#[path = "../../fuzz/props.rs"]
 mod props;
 
 use std::path::{Path, PathBuf};

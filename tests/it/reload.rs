@@ -2,46 +2,42 @@
 //! `config.d/` that appears after start adds a user; SIGHUP reloads; a
 //! broken edit is reported in /status and the running config stays.
 
-mod service_support;
-mod support;
-
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use service_support::*;
-use support::agent::{TestEnv, block_keys, eventually};
-use support::fake_cp::{FakeControlPlane, fixture_keys, gen_ed25519_keys};
+
+use crate::support::block::block_keys;
+use crate::support::config::{Config, User};
+use crate::support::env::TestEnv;
+use crate::support::eventually;
+use crate::support::fake_cp::{fixture_keys, gen_ed25519_keys};
+use crate::support::scenario::with_fixture;
 
 /// A user that exists on every Debian-like system (base-passwd).
 const SECOND_USER: &str = "daemon";
 
+/// When the agent last loaded its config, from /status.
+fn loaded_at(env: &TestEnv) -> f64 {
+    env.status_json()["config"]["loaded_at"].as_f64().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn dropin_dir_created_after_start_adds_a_user_and_sighup_reloads() {
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    cp.load_fixture();
-    let cp = blocking(move || {
+    with_fixture(|s| {
         let [alice, bob, _] = fixture_keys();
-        let env = TestEnv::new();
-        env.write_config(&config_text(&env, &cp.url(), "60s", "2s", ""));
-        let mut agent = env.spawn();
-        assert!(
-            eventually(Duration::from_secs(10), || block_keys(&env.read_target().unwrap_or_default()) == [alice, bob]),
-            "no first sync; log:\n{}",
-            agent.log_text()
-        );
+        let env = &s.env;
+        let mut agent = s.start(s.config().set("interval", "60s"), &[alice, bob]);
         assert!(!env.path().join("config.d").exists());
-        let loaded_at = status_json(&env)["config"]["loaded_at"].as_f64().unwrap();
+        let loaded = loaded_at(env);
 
         // config.d/ does not exist at start; create it and a drop-in at once.
         let theirs = env.path().join("second/authorized_keys");
         std::fs::create_dir(env.path().join("config.d")).unwrap();
         std::fs::write(
             env.path().join("config.d/50-second.toml"),
-            format!(
-                "[[users]]\nname = \"{SECOND_USER}\"\nsources = [\"account\"]\nwrite = \"block\"\npath = \"{}\"\n",
-                theirs.display()
-            ),
+            Config::default()
+                .user(User::block(SECOND_USER, &theirs))
+                .to_string(),
         )
         .unwrap();
         assert!(
@@ -56,57 +52,51 @@ async fn dropin_dir_created_after_start_adds_a_user_and_sighup_reloads() {
             Some(format!("{alice}\n{bob}\n").as_str()),
             "the hook's cache for the new user"
         );
-        let status = status_json(&env);
+        let status = env.status_json();
         assert!(status["users"][SECOND_USER].is_object(), "{status}");
-        assert!(status["config"]["loaded_at"].as_f64().unwrap() > loaded_at);
+        assert!(status["config"]["loaded_at"].as_f64().unwrap() > loaded);
         assert!(status["config"]["last_reload_error"].is_null());
         assert!(agent.alive(), "no restart: the same process");
 
         // SIGHUP reloads with no file change at all.
-        let loaded_at = status["config"]["loaded_at"].as_f64().unwrap();
+        let loaded = status["config"]["loaded_at"].as_f64().unwrap();
         agent.signal(Signal::SIGHUP);
         assert!(
             eventually(Duration::from_secs(10), || {
-                status_json(&env)["config"]["loaded_at"].as_f64().unwrap_or(0.0) > loaded_at
+                env.status_json()["config"]["loaded_at"]
+                    .as_f64()
+                    .unwrap_or(0.0)
+                    > loaded
             }),
             "SIGHUP did not reload; log:\n{}",
             agent.log_text()
         );
         assert!(agent.alive());
         assert!(agent.log_text().contains("SIGHUP"));
-        cp
     })
     .await;
-    drop(cp);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn broken_edit_keeps_the_running_config() {
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    cp.load_fixture();
-    let cp = blocking(move || {
+    with_fixture(|s| {
         let [alice, bob, _] = fixture_keys();
-        let env = TestEnv::new();
-        env.write_config(&config_text(&env, &cp.url(), "200ms", "2s", ""));
+        let env = &s.env;
         std::fs::create_dir(env.path().join("config.d")).unwrap();
-        let mut agent = env.spawn();
-        assert!(eventually(Duration::from_secs(10), || {
-            block_keys(&env.read_target().unwrap_or_default()) == [alice, bob]
-        }));
-        let loaded_at = status_json(&env)["config"]["loaded_at"].as_f64().unwrap();
+        let mut agent = s.start(s.config(), &[alice, bob]);
+        let loaded = loaded_at(env);
 
         // An unknown key in a drop-in: reported, and the old config stays.
         let bad = env.path().join("config.d/60-bad.toml");
         std::fs::write(&bad, "bogus_setting = 1\n").unwrap();
         assert!(
             eventually(Duration::from_secs(10), || {
-                status_json(&env)["config"]["last_reload_error"].is_string()
+                env.status_json()["config"]["last_reload_error"].is_string()
             }),
             "the broken reload is not reported; log:\n{}",
             agent.log_text()
         );
-        let status = status_json(&env);
+        let status = env.status_json();
         let error = status["config"]["last_reload_error"].as_str().unwrap();
         assert!(
             error.contains("bogus_setting"),
@@ -116,18 +106,18 @@ async fn broken_edit_keeps_the_running_config() {
             error.contains("60-bad.toml"),
             "the error names the file: {error}"
         );
-        assert_eq!(status["config"]["loaded_at"].as_f64(), Some(loaded_at));
-        let human = String::from_utf8_lossy(&human_status(&env).stdout).into_owned();
+        assert_eq!(status["config"]["loaded_at"].as_f64(), Some(loaded));
+        let human = String::from_utf8_lossy(&env.status(&[]).stdout).into_owned();
         assert!(human.contains("last reload FAILED"), "{human}");
         assert!(agent.alive());
 
         // The old config still runs: a key added on the account arrives.
         let new_key = gen_ed25519_keys(1).remove(0);
-        cp.add_key(&new_key);
+        s.cp.add_key(&new_key);
         assert!(
-            eventually(Duration::from_secs(10), || {
-                block_keys(&env.read_target().unwrap_or_default()).contains(&new_key)
-            }),
+            eventually(Duration::from_secs(10), || env
+                .block_keys()
+                .contains(&new_key)),
             "the running config stopped syncing; log:\n{}",
             agent.log_text()
         );
@@ -136,14 +126,12 @@ async fn broken_edit_keeps_the_running_config() {
         std::fs::remove_file(&bad).unwrap();
         assert!(
             eventually(Duration::from_secs(10), || {
-                status_json(&env)["config"]["last_reload_error"].is_null()
+                env.status_json()["config"]["last_reload_error"].is_null()
             }),
             "the error stays after the fix; log:\n{}",
             agent.log_text()
         );
         assert!(agent.alive());
-        cp
     })
     .await;
-    drop(cp);
 }

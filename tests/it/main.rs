@@ -1,0 +1,25 @@
+//! keysync's integration tests, one crate: one binary to build and link.
+//! Each module is one area of DESIGN.md, run against the real binary;
+//! `support/` holds what they share. Run one area with
+//! `cargo test --test it <module>::`.
+
+mod support;
+
+mod crash;
+mod disk_full;
+mod drift;
+mod fuzz_replay;
+mod hook;
+mod hostile_fs;
+mod hostile_net;
+mod packaging;
+mod reload;
+mod revocation;
+mod service;
+mod smoke;
+mod sources;
+mod sshd;
+mod subscribe;
+mod sync_engine;
+mod sync_faults;
+mod writer_races;

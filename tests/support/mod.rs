@@ -1,3 +1,0 @@
-pub mod agent;
-pub mod fake_cp;
-pub mod users;
