@@ -11,6 +11,10 @@
 //!   at least `confirm_delay` later with the same result;
 //! - with `max_stale`, a source whose last good answer is older than that
 //!   contributes no keys (fail closed), without waiting for confirmation.
+//!   Age is measured on the monotonic clock, so a wall clock set back or
+//!   forward neither keeps nor drops keys. Only a persisted answer's age
+//!   comes from the wall clock, once, when it is restored at start; one
+//!   persisted with a time in the future has no knowable age and is stale.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant, SystemTime};
@@ -22,8 +26,49 @@ use crate::state::LastGood;
 #[derive(Debug, Clone)]
 struct SourceSlot {
     good: Option<LastGood>,
-    /// Monotonic time of the last authoritative answer (200, 304, no-keys 404).
+    /// Monotonic time of the last authoritative answer (200, 304, no-keys
+    /// 404) in this run.
     answered_at: Option<Instant>,
+    /// How old `good` is, for `max_stale`.
+    age: Option<Age>,
+}
+
+/// The age of a source's last good answer on the monotonic clock.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Age {
+    /// The answer was `then` old at the monotonic instant `at`: (its own
+    /// instant, zero) for an answer in this run; for a persisted one, its
+    /// wall-clock age when it was restored.
+    Known { at: Instant, then: Duration },
+    /// Persisted with a wall time in the future: the clock was set back
+    /// since (or ran ahead then), so its age cannot be known. Stale until the
+    /// next answer.
+    Unknown,
+}
+
+impl Age {
+    fn fresh(now: Instant) -> Age {
+        Age::Known {
+            at: now,
+            then: Duration::ZERO,
+        }
+    }
+
+    /// A persisted answer's age, converted once, at restore.
+    fn persisted(fetched_at: SystemTime, now: Instant, wall: SystemTime) -> Age {
+        match wall.duration_since(fetched_at) {
+            Ok(then) => Age::Known { at: now, then },
+            Err(_) => Age::Unknown,
+        }
+    }
+
+    /// The age at `now`; None when unknown.
+    fn at(self, now: Instant) -> Option<Duration> {
+        match self {
+            Age::Known { at, then } => Some(now.saturating_duration_since(at).saturating_add(then)),
+            Age::Unknown => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -76,6 +121,7 @@ impl Engine {
             self.sources.entry(name.clone()).or_insert(SourceSlot {
                 good: None,
                 answered_at: None,
+                age: None,
             });
         }
         self.users = settings
@@ -87,9 +133,15 @@ impl Engine {
             .retain(|u, _| settings.users.iter().any(|s| &s.name == u));
     }
 
-    /// Seeds a source with its persisted last good answer (at start).
-    pub(crate) fn restore(&mut self, source: &str, good: LastGood) {
+    /// Seeds a source with its persisted last good answer (at start, and
+    /// again at a reload, revalidated with the new policy). Its age is taken
+    /// from the wall clock only the first time: after that it is known on
+    /// the monotonic clock.
+    pub(crate) fn restore(&mut self, source: &str, good: LastGood, now: Instant, wall: SystemTime) {
         if let Some(slot) = self.sources.get_mut(source) {
+            slot.age = slot
+                .age
+                .or_else(|| Some(Age::persisted(good.fetched_at, now, wall)));
             slot.good = Some(good);
         }
     }
@@ -108,6 +160,7 @@ impl Engine {
         if let Some(slot) = self.sources.get_mut(source) {
             slot.good = Some(good);
             slot.answered_at = Some(now);
+            slot.age = Some(Age::fresh(now));
         }
     }
 
@@ -116,6 +169,7 @@ impl Engine {
         if let Some(slot) = self.sources.get_mut(source) {
             if let Some(good) = &mut slot.good {
                 good.fetched_at = fetched_at;
+                slot.age = Some(Age::fresh(now));
             }
             slot.answered_at = Some(now);
         }
@@ -134,27 +188,25 @@ impl Engine {
             .collect()
     }
 
-    fn is_stale(&self, good: &LastGood, wall: SystemTime) -> bool {
-        match self.max_stale {
-            Some(max) => wall
-                .duration_since(good.fetched_at)
-                .is_ok_and(|age| age > max),
-            None => false,
+    fn is_stale(&self, slot: &SourceSlot, now: Instant) -> bool {
+        match (self.max_stale, slot.age) {
+            (Some(max), Some(age)) => age.at(now).is_none_or(|age| age > max),
+            _ => false,
         }
     }
 
     /// The sources whose keys are dropped for staleness.
     #[cfg(test)]
-    pub(crate) fn stale_sources(&self, wall: SystemTime) -> Vec<String> {
+    pub(crate) fn stale_sources(&self, now: Instant) -> Vec<String> {
         self.sources
             .iter()
-            .filter(|(_, s)| s.good.as_ref().is_some_and(|g| self.is_stale(g, wall)))
+            .filter(|(_, s)| s.good.is_some() && self.is_stale(s, now))
             .map(|(n, _)| n.clone())
             .collect()
     }
 
     /// Decides what `user`'s files should hold now.
-    pub(crate) fn plan(&mut self, user: &str, now: Instant, wall: SystemTime) -> Plan {
+    pub(crate) fn plan(&mut self, user: &str, now: Instant, _wall: SystemTime) -> Plan {
         let Some(sources) = self.users.get(user).cloned() else {
             return Plan::Waiting {
                 sources: Vec::new(),
@@ -164,9 +216,13 @@ impl Engine {
         let mut waiting = Vec::new();
         let mut any_stale = false;
         for name in &sources {
-            match self.sources.get(name).and_then(|s| s.good.as_ref()) {
-                Some(good) if self.is_stale(good, wall) => any_stale = true,
-                Some(good) => sets.push(&good.keys),
+            match self
+                .sources
+                .get(name)
+                .and_then(|s| Some((s, s.good.as_ref()?)))
+            {
+                Some((slot, _)) if self.is_stale(slot, now) => any_stale = true,
+                Some((_, good)) => sets.push(&good.keys),
                 None => waiting.push(name.clone()),
             }
         }
@@ -359,6 +415,73 @@ mod tests {
         assert_eq!(e.plan("u", t, w), Plan::Write(set(&[])));
     }
 
+    const HOUR: Duration = Duration::from_secs(3600);
+    const DAY: Duration = Duration::from_secs(86400);
+
+    #[test]
+    fn a_wall_clock_set_back_does_not_keep_stale_keys() {
+        let mut e = Engine::new(&settings(Some(HOUR)));
+        let (t0, w0) = (Instant::now(), SystemTime::now());
+        e.set_applied("u", set(&[1, 2]));
+        e.answer("a", good(&[1], w0), t0);
+        e.answer("b", good(&[2], w0), t0);
+        // Two hours on, the wall clock set back a day meanwhile: b kept
+        // answering, a went silent and is stale by the monotonic clock.
+        let t1 = t0 + 2 * HOUR;
+        let w1 = w0 - DAY + 2 * HOUR;
+        e.unchanged("b", w1, t1);
+        assert_eq!(e.plan("u", t1, w1), Plan::Write(set(&[2])));
+        assert_eq!(e.stale_sources(t1), ["a"]);
+    }
+
+    #[test]
+    fn a_wall_clock_jump_forward_does_not_drop_fresh_keys() {
+        let mut e = Engine::new(&settings(Some(HOUR)));
+        let (t0, w0) = (Instant::now(), SystemTime::now());
+        e.set_applied("u", set(&[1, 2]));
+        e.answer("a", good(&[1], w0), t0);
+        e.answer("b", good(&[2], w0), t0);
+        // A minute later by the monotonic clock, two days by the wall clock.
+        let t1 = t0 + Duration::from_secs(60);
+        assert_eq!(e.plan("u", t1, w0 + 2 * DAY), Plan::Write(set(&[1, 2])));
+        assert!(e.stale_sources(t1).is_empty());
+        // The age still counts on the monotonic clock, whatever the wall says.
+        let t2 = t0 + HOUR + Duration::from_secs(1);
+        assert_eq!(e.plan("u", t2, w0), Plan::Write(set(&[])));
+    }
+
+    #[test]
+    fn a_persisted_time_in_the_future_is_stale() {
+        let mut e = Engine::new(&settings(Some(HOUR)));
+        let (t, w) = (Instant::now(), SystemTime::now());
+        e.set_applied("u", set(&[1, 2]));
+        // Persisted before a restart by a clock that ran ahead of today's.
+        e.restore("a", good(&[1], w + Duration::from_secs(600)), t, w);
+        e.restore("b", good(&[2], w - Duration::from_secs(600)), t, w);
+        assert_eq!(e.plan("u", t, w), Plan::Write(set(&[2])));
+        // Until its next answer, which is fresh.
+        e.unchanged("a", w, t);
+        assert_eq!(e.plan("u", t, w), Plan::Write(set(&[1, 2])));
+    }
+
+    #[test]
+    fn a_persisted_past_time_becomes_a_monotonic_deadline() {
+        let mut e = Engine::new(&settings(Some(HOUR)));
+        let (t, w) = (Instant::now(), SystemTime::now());
+        e.set_applied("u", set(&[1, 2]));
+        e.restore("a", good(&[1], w - Duration::from_secs(30 * 60)), t, w);
+        e.restore("b", good(&[2], w), t, w);
+        // The wall clock is set back a day after the restore: the age of
+        // a's answer (30 min at the restore) goes on counting monotonically.
+        let back = w - DAY;
+        let t1 = t + Duration::from_secs(20 * 60);
+        e.unchanged("b", back, t1);
+        assert_eq!(e.plan("u", t1, back), Plan::Write(set(&[1, 2])));
+        let t2 = t + Duration::from_secs(31 * 60);
+        e.unchanged("b", back, t2);
+        assert_eq!(e.plan("u", t2, back), Plan::Write(set(&[2])));
+    }
+
     #[test]
     fn stale_sources_fail_closed_without_confirmation() {
         let mut e = Engine::new(&settings(Some(Duration::from_secs(3600))));
@@ -366,9 +489,9 @@ mod tests {
         let old = SystemTime::now() - Duration::from_secs(7200);
         let w = SystemTime::now();
         e.set_applied("u", set(&[1, 2, 3]));
-        e.restore("a", good(&[1, 2, 3], old));
+        e.restore("a", good(&[1, 2, 3], old), t, w);
         e.answer("b", good(&[], w), t);
         assert_eq!(e.plan("u", t, w), Plan::Write(set(&[])));
-        assert_eq!(e.stale_sources(w), ["a"]);
+        assert_eq!(e.stale_sources(t), ["a"]);
     }
 }

@@ -3,19 +3,25 @@
 //! - Every line keysync writes holds, for OpenSSH (`ssh-keygen -l`, which
 //!   splits options with sshd's own code), the key keysync checked and
 //!   reports in `/status`, also for options crafted to make the two disagree.
+//! - `max_stale` counts on the monotonic clock: a wall clock set back or
+//!   forward (libfaketime, monotonic clock left alone) neither keeps stale
+//!   keys nor drops fresh ones; a persisted answer from the future is stale
+//!   after a restart.
 
 mod support;
 
 use std::collections::BTreeSet;
-use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use support::agent::{TestEnv, bin, eventually};
-use support::fake_cp::fixture_keys;
+use support::agent::{Agent, TestEnv, bin, block_keys, blocking, eventually};
+use support::fake_cp::{FakeControlPlane, fixture_keys, gen_ed25519_keys};
 
 /// Generous deadline for "eventually" conditions on a loaded 2-core machine.
 const DEADLINE: Duration = Duration::from_secs(20);
+
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -50,6 +56,54 @@ write = "block"
             String::new()
         },
     )
+}
+
+/// The vast source table for the fake control plane at `url`.
+fn vast(url: &str) -> String {
+    format!(
+        "kind = \"vast\"\nurl = \"{url}\"\napi_key_env = \"KEYSYNC_TEST_API_KEY\"\n\
+         interval = \"200ms\"\njitter = \"0s\"\ntimeout = \"2s\"\nmax_backoff = \"1s\""
+    )
+}
+
+/// `keysync run --once`, with `adjust` for the environment (libfaketime).
+fn run_once(env: &TestEnv, adjust: impl FnOnce(&mut Command)) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(["run", "--once", "--config"])
+        .arg(env.config_path())
+        .env("KEYSYNC_TEST_API_KEY", "test-token")
+        .env("KEYSYNC_LOG", "debug")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(Stdio::null());
+    adjust(&mut cmd);
+    cmd.output().expect("run keysync")
+}
+
+/// Runs the agent with its wall clock (CLOCK_REALTIME) shifted by what
+/// `spec` holds (libfaketime's `+2d`, `-1h`, …, re-read at every call), its
+/// monotonic clock left alone. File times from `stat` stay real: the writer
+/// compares them to see whether a file changed under it.
+fn fake_wall_clock(cmd: &mut Command, spec: &Path) {
+    cmd.env("LD_PRELOAD", LIBFAKETIME)
+        .env("FAKETIME_TIMESTAMP_FILE", spec)
+        .env("FAKETIME_NO_CACHE", "1")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .env("NO_FAKE_STAT", "1");
+}
+
+/// True when libfaketime is installed; otherwise says so loudly (and fails
+/// under CI).
+fn have_faketime(test: &str) -> bool {
+    if Path::new(LIBFAKETIME).exists() {
+        return true;
+    }
+    let why = "libfaketime is not installed (apt-get install faketime)";
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: {why}; under CI this test must run");
+    }
+    eprintln!("\n!!!!!!!! SKIPPED {test}: {why} !!!!!!!!\n");
+    false
 }
 
 /// `keysync status --json` against the agent's health socket.
@@ -109,6 +163,11 @@ fn fingerprint_of(dir: &Path, line: &str) -> String {
 
 fn set(items: impl IntoIterator<Item = String>) -> BTreeSet<String> {
     items.into_iter().collect()
+}
+
+fn unix_secs(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 // ---------------------------------------------------------------------------
@@ -178,4 +237,157 @@ async fn every_written_line_holds_the_key_keysync_reports() {
     }
     assert_eq!(reported, want);
     drop(agent);
+}
+
+// ---------------------------------------------------------------------------
+// 2. max_stale on the monotonic clock
+
+/// An agent against its own control plane, `max_stale` set, writing its
+/// keys, with the wall clock libfaketime gives it from `spec`.
+struct ClockedAgent {
+    env: TestEnv,
+    spec: PathBuf,
+    agent: Agent,
+}
+
+fn clocked_agent(cp: &FakeControlPlane, max_stale: &str) -> ClockedAgent {
+    let env = TestEnv::new();
+    let spec = env.path().join("faketime");
+    std::fs::write(&spec, "+0\n").expect("faketime spec");
+    env.write_config(&config(
+        &env,
+        &vast(&cp.url()),
+        "root",
+        "",
+        &format!("max_stale = \"{max_stale}\""),
+    ));
+    let agent = env.spawn_with(|cmd| fake_wall_clock(cmd, &spec));
+    ClockedAgent { env, spec, agent }
+}
+
+fn block_of(env: &TestEnv) -> Vec<String> {
+    env.read_target()
+        .map(|t| block_keys(&t))
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wall_clock_jumps_neither_keep_stale_keys_nor_drop_fresh_ones() {
+    if !have_faketime("wall_clock_jumps_neither_keep_stale_keys_nor_drop_fresh_ones") {
+        return;
+    }
+    let keys = gen_ed25519_keys(2);
+    let forward_cp = FakeControlPlane::start().await;
+    let back_cp = FakeControlPlane::start().await;
+    for cp in [&forward_cp, &back_cp] {
+        cp.set_token(Some("test-token"));
+        cp.set_keys(keys.clone());
+    }
+    blocking(move || {
+        // Two agents side by side, so both wait out the writer's 30 s
+        // staleness tick at once.
+        let forward = clocked_agent(&forward_cp, "1h");
+        let back = clocked_agent(&back_cp, "3s");
+        for a in [&forward, &back] {
+            assert!(
+                eventually(DEADLINE, || block_of(&a.env).len() == 2),
+                "keys never written\n{}",
+                a.agent.log_text()
+            );
+        }
+        // The control planes go down: the last good answers are seconds old.
+        forward_cp.set_down(true);
+        back_cp.set_down(true);
+        // Forward two days: a wall-clock age would be 2 days > 1 h.
+        std::fs::write(&forward.spec, "+2d\n").expect("jump forward");
+        // Back a day: a wall-clock age would be negative, never > 3 s.
+        std::fs::write(&back.spec, "-1d\n").expect("jump back");
+        let jumped = Instant::now();
+
+        // The back agent drops its keys once they are 3 s old by the
+        // monotonic clock (at its next staleness tick, within 30 s).
+        let dropped = eventually(Duration::from_secs(45), || block_of(&back.env).is_empty());
+        assert!(
+            dropped,
+            "a wall clock set back kept stale keys for {:?}:\n{:?}\n{}",
+            jumped.elapsed(),
+            back.env.read_target(),
+            back.agent.log_text()
+        );
+        // The forward agent kept its fresh keys all along, over a tick.
+        while jumped.elapsed() < Duration::from_secs(35) {
+            assert_eq!(
+                block_of(&forward.env).len(),
+                2,
+                "a wall clock jump forward dropped fresh keys after {:?}\n{}",
+                jumped.elapsed(),
+                forward.agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // The faked clock reached the agent: its status reports attempts
+        // two days ahead.
+        let attempt =
+            status_json(&forward.env).expect("status")["sources"]["account"]["last_attempt"]
+                .as_f64()
+                .expect("last_attempt");
+        let ahead = attempt - unix_secs(SystemTime::now()) as f64;
+        assert!(
+            ahead > 86_400.0,
+            "the agent's wall clock is not faked: {ahead} s ahead"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_persisted_answer_from_the_future_is_stale_after_a_restart() {
+    if !have_faketime("a_persisted_answer_from_the_future_is_stale_after_a_restart") {
+        return;
+    }
+    let cp = FakeControlPlane::start().await;
+    cp.set_token(Some("test-token"));
+    cp.set_keys(gen_ed25519_keys(2));
+    let url = cp.url();
+    blocking(move || {
+        let env = TestEnv::new();
+        env.write_config(&config(&env, &vast(&url), "root", "", "max_stale = \"1h\""));
+        let spec = env.path().join("faketime");
+
+        // A restart with the API down serves the last good keys while they
+        // are fresh…
+        assert!(run_once(&env, |_| {}).status.success());
+        cp.set_down(true);
+        let out = run_once(&env, |_| {});
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+        assert_eq!(block_of(&env).len(), 2, "fresh persisted keys are served");
+
+        // …but an answer persisted by a clock a day ahead has no knowable
+        // age once the clock is right again: stale.
+        cp.set_down(false);
+        std::fs::write(&spec, "+1d\n").expect("faketime spec");
+        let out = run_once(&env, |cmd| fake_wall_clock(cmd, &spec));
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let state = std::fs::read_to_string(env.state_dir().join("sources/account.json"))
+            .expect("persisted answer");
+        let persisted: serde_json::Value = serde_json::from_str(&state).expect("json");
+        let at = persisted["fetched_at_unix_ms"]
+            .as_i64()
+            .expect("fetched_at")
+            / 1000;
+        assert!(
+            at > unix_secs(SystemTime::now()) + 80_000,
+            "the faked clock did not reach the agent: {state}"
+        );
+        cp.set_down(true);
+        let out = run_once(&env, |_| {});
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+        assert_eq!(
+            block_of(&env),
+            Vec::<String>::new(),
+            "keys of an answer from the future must not be served\n{}",
+            text(&out.stderr)
+        );
+    })
+    .await;
 }

@@ -134,10 +134,11 @@ impl Syncer {
 
     fn restore(&mut self) {
         let policy = &self.settings.policy.keys;
+        let (now, wall) = (Instant::now(), SystemTime::now());
         for name in self.settings.sources.keys() {
             if let Some(good) = self.state.load_source(name, policy) {
                 tracing::info!(source = %name, keys = good.keys.len(), "restored {} last good keys of source {name} from state_dir", good.keys.len());
-                self.engine.restore(name, good);
+                self.engine.restore(name, good, now, wall);
             }
         }
         let readback = Policy {
