@@ -7,8 +7,11 @@
 //!   (fresh or persisted), so an empty state dir with the network down never
 //!   wipes a file;
 //! - an answer that would remove more than half of a user's managed keys (and
-//!   more than one) is held until every source of the user has answered again
-//!   at least `confirm_delay` later with the same result;
+//!   more than one), or leave fewer than half of the most keys managed for
+//!   the user at any time in the last 10 minutes (and more than one fewer),
+//!   is held until every source of the user has answered again at least
+//!   `confirm_delay` later with the same result, so a list shrinking step by
+//!   step cannot walk around the check;
 //! - with `max_stale`, a source whose last good answer is older than that
 //!   contributes no keys (fail closed), without waiting for confirmation.
 //!   Age is measured on the monotonic clock, so a wall clock set back or
@@ -16,7 +19,7 @@
 //!   comes from the wall clock, once, when it is restored at start; one
 //!   persisted with a time in the future has no knowable age and is stale.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::Settings;
@@ -71,6 +74,36 @@ impl Age {
     }
 }
 
+/// How far back a mass removal is measured from the most keys managed.
+const MASS_REMOVAL_WINDOW: Duration = Duration::from_secs(600);
+
+/// The most keys managed for a user within [`MASS_REMOVAL_WINDOW`]: a
+/// sliding-window maximum over the counts seen at each plan, kept as a deque
+/// of (instant, count) with counts strictly falling from front to back (a
+/// count that an equal or larger later one outlasts can never be the
+/// maximum again), so it holds few entries however often the count moves.
+#[derive(Debug, Clone, Default)]
+struct Peak(VecDeque<(Instant, usize)>);
+
+impl Peak {
+    /// Records that `count` keys are managed at `now`; returns the most
+    /// managed at any time in the window up to now.
+    fn observe(&mut self, now: Instant, count: usize) -> usize {
+        while self.0.back().is_some_and(|&(_, c)| c <= count) {
+            self.0.pop_back();
+        }
+        self.0.push_back((now, count));
+        while self
+            .0
+            .front()
+            .is_some_and(|&(t, _)| now.saturating_duration_since(t) > MASS_REMOVAL_WINDOW)
+        {
+            self.0.pop_front();
+        }
+        self.0.front().map_or(count, |&(_, c)| c)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Pending {
     desired: KeySet,
@@ -99,6 +132,8 @@ pub(crate) struct Engine {
     sources: BTreeMap<String, SourceSlot>,
     users: BTreeMap<String, Vec<String>>,
     applied: HashMap<String, KeySet>,
+    /// Per user, the most keys managed lately (see [`Peak`]).
+    peaks: HashMap<String, Peak>,
     pending: HashMap<String, Pending>,
     confirm_delay: Duration,
     max_stale: Option<Duration>,
@@ -130,6 +165,8 @@ impl Engine {
             .map(|u| (u.name.clone(), u.sources.clone()))
             .collect();
         self.pending
+            .retain(|u, _| settings.users.iter().any(|s| &s.name == u));
+        self.peaks
             .retain(|u, _| settings.users.iter().any(|s| &s.name == u));
     }
 
@@ -234,8 +271,18 @@ impl Engine {
             self.pending.remove(user);
             return Plan::Write(desired);
         };
+        // What is managed now counts as managed in the window: sampled at
+        // every plan, and every write follows a plan, so each count the
+        // files held is seen at least at the plan that replaced it.
+        let peak = self
+            .peaks
+            .entry(user.to_string())
+            .or_default()
+            .observe(now, applied.len());
         let removed = applied.removed_in(&desired);
-        let mass = removed > 1 && removed * 2 > applied.len();
+        let left = desired.len();
+        let mass = (removed > 1 && removed * 2 > applied.len())
+            || (removed > 0 && peak.saturating_sub(left) > 1 && left * 2 < peak);
         if !mass || any_stale {
             self.pending.remove(user);
             return Plan::Write(desired);
@@ -251,7 +298,10 @@ impl Engine {
                         .is_some_and(|t| t >= due)
                 });
                 if confirmed {
+                    // The shrink is believed: what came before it no longer
+                    // counts against the next answer.
                     self.pending.remove(user);
+                    self.peaks.remove(user);
                     Plan::Write(desired)
                 } else {
                     Plan::Confirm {
@@ -409,10 +459,12 @@ mod tests {
         e.answer("a", good(&[1, 2], w), t);
         e.answer("b", good(&[], w), t);
         assert_eq!(e.plan("u", t, w), Plan::Write(set(&[1, 2])));
+        // Removing the only key is not "more than one" (once the three
+        // managed before are out of the mass-removal window).
+        let later = t + MASS_REMOVAL_WINDOW + Duration::from_secs(1);
         e.written("u", set(&[1]));
-        e.answer("a", good(&[], w), t);
-        // Removing the only key is not "more than one".
-        assert_eq!(e.plan("u", t, w), Plan::Write(set(&[])));
+        e.answer("a", good(&[], w), later);
+        assert_eq!(e.plan("u", later, w), Plan::Write(set(&[])));
     }
 
     const HOUR: Duration = Duration::from_secs(3600);
@@ -480,6 +532,65 @@ mod tests {
         let t2 = t + Duration::from_secs(31 * 60);
         e.unchanged("b", back, t2);
         assert_eq!(e.plan("u", t2, back), Plan::Write(set(&[2])));
+    }
+
+    #[test]
+    fn a_step_by_step_shrink_needs_confirmation() {
+        let mut e = Engine::new(&settings(None));
+        let (t0, w) = (Instant::now(), SystemTime::now());
+        let half = Duration::from_millis(500);
+        e.set_applied("u", set(&[1, 2, 3, 4]));
+        e.answer("b", good(&[], w), t0);
+        // 4 -> 2: half of the keys stay, written at once.
+        e.answer("a", good(&[1, 2], w), t0);
+        assert_eq!(e.plan("u", t0, w), Plan::Write(set(&[1, 2])));
+        e.written("u", set(&[1, 2]));
+        // 2 -> 1 half a second later removes one key only, but leaves
+        // fewer than half of the 4 managed moments ago.
+        let t1 = t0 + half;
+        e.answer("a", good(&[1], w), t1);
+        let Plan::Confirm { keep, .. } = e.plan("u", t1, w) else {
+            panic!("2 -> 1 after 4 must be confirmed")
+        };
+        assert_eq!(keep, Some(set(&[1, 2])));
+        // 1 -> 0: a new list restarts the confirmation.
+        let t2 = t1 + half;
+        e.answer("a", good(&[], w), t2);
+        let Plan::Confirm { at, .. } = e.plan("u", t2, w) else {
+            panic!("the empty list must be confirmed")
+        };
+        assert_eq!(at, t2 + Duration::from_secs(5));
+        // Confirmed by answers after the delay: obeyed.
+        let t3 = at + half;
+        e.answer("a", good(&[], w), t3);
+        e.answer("b", good(&[], w), t3);
+        assert_eq!(e.plan("u", t3, w), Plan::Write(set(&[])));
+    }
+
+    #[test]
+    fn the_mass_removal_window_is_ten_minutes_of_managed_keys() {
+        let mut e = Engine::new(&settings(None));
+        let (t0, w) = (Instant::now(), SystemTime::now());
+        e.answer("b", good(&[], w), t0);
+        e.set_applied("u", set(&[1, 2, 3, 4]));
+        e.answer("a", good(&[1, 2, 3, 4], w), t0);
+        assert_eq!(e.plan("u", t0, w), Plan::Write(set(&[1, 2, 3, 4])));
+        // Four keys managed until 15 min, then two: at 20 min the four
+        // were managed less than ten minutes ago.
+        let t1 = t0 + Duration::from_secs(15 * 60);
+        e.answer("a", good(&[1, 2], w), t1);
+        assert_eq!(e.plan("u", t1, w), Plan::Write(set(&[1, 2])));
+        e.written("u", set(&[1, 2]));
+        let t2 = t0 + Duration::from_secs(20 * 60);
+        e.answer("a", good(&[1], w), t2);
+        assert!(matches!(e.plan("u", t2, w), Plan::Confirm { .. }));
+        // Back to two; eleven minutes after the four were last managed,
+        // 2 -> 1 is a single removal again.
+        e.answer("a", good(&[1, 2], w), t2);
+        assert_eq!(e.plan("u", t2, w), Plan::Write(set(&[1, 2])));
+        let t3 = t1 + Duration::from_secs(11 * 60);
+        e.answer("a", good(&[1], w), t3);
+        assert_eq!(e.plan("u", t3, w), Plan::Write(set(&[1])));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //!   forward (libfaketime, monotonic clock left alone) neither keeps stale
 //!   keys nor drops fresh ones; a persisted answer from the future is stale
 //!   after a restart.
+//! - A list shrinking step by step waits for the mass-removal confirmation.
 
 mod support;
 
@@ -388,6 +389,67 @@ async fn a_persisted_answer_from_the_future_is_stale_after_a_restart() {
             "keys of an answer from the future must not be served\n{}",
             text(&out.stderr)
         );
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// 3. Mass removal over a window
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_list_shrinking_step_by_step_waits_for_confirmation() {
+    let cp = FakeControlPlane::start().await;
+    cp.set_token(Some("test-token"));
+    let keys = gen_ed25519_keys(4);
+    cp.set_keys(keys.clone());
+    let url = cp.url();
+    blocking(move || {
+        let env = TestEnv::new();
+        env.write_config(&config(
+            &env,
+            &vast(&url),
+            "root",
+            "",
+            "confirm_delay = \"3s\"",
+        ));
+        let agent = env.spawn();
+        assert!(
+            eventually(DEADLINE, || block_of(&env).len() == 4),
+            "{}",
+            agent.log_text()
+        );
+        // 4 -> 2: half of the keys stay; written without confirmation.
+        cp.set_keys(keys[..2].to_vec());
+        assert!(
+            eventually(DEADLINE, || block_of(&env).len() == 2),
+            "{}",
+            agent.log_text()
+        );
+        // 2 -> 1 -> 0 half a second apart: each step removes one key, but
+        // leaves fewer than half of the four managed moments ago.
+        cp.set_keys(keys[..1].to_vec());
+        std::thread::sleep(Duration::from_millis(500));
+        cp.set_keys(Vec::<String>::new());
+        let emptied = Instant::now();
+        while emptied.elapsed() < Duration::from_millis(2000) {
+            assert_eq!(
+                block_of(&env),
+                keys[..2].to_vec(),
+                "the shrink was written before its confirmation ({:?} after the empty list)\n{}",
+                emptied.elapsed(),
+                agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Confirmed by a fetch confirm_delay later: obeyed.
+        assert!(
+            eventually(DEADLINE, || env
+                .read_target()
+                .is_some_and(|t| block_keys(&t).is_empty())),
+            "the confirmed empty list was not written\n{}",
+            agent.log_text()
+        );
+        drop(agent);
     })
     .await;
 }
