@@ -18,12 +18,19 @@
 //!   forward neither keeps nor drops keys. Only a persisted answer's age
 //!   comes from the wall clock, once, when it is restored at start; one
 //!   persisted with a time in the future has no knowable age and is stale.
+//! - with `max_stale`, the files also say when sshd itself must stop taking
+//!   the keys (`expiry-time`, [`Desired::expiry`]): the earliest time one of
+//!   the user's sources turns stale, renewed only once the written time is
+//!   more than `max_stale / 24` short of it (a 304 a minute does not rewrite
+//!   the files a minute), and lowered at once when it lies beyond it (a wall
+//!   clock set back).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::Settings;
 use crate::keys::KeySet;
+use crate::render::Desired;
 use crate::state::LastGood;
 
 #[derive(Debug, Clone)]
@@ -110,15 +117,19 @@ struct Pending {
     since: Instant,
 }
 
+/// How far a written expiry may lie beyond the deadline it stands for: the
+/// monotonic and the wall clock are read a moment apart.
+const EXPIRY_SLACK: Duration = Duration::from_secs(1);
+
 /// What a user's files should hold now.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Plan {
-    /// Make the files hold exactly these keys (a no-op on disk when they already do).
-    Write(KeySet),
-    /// A mass removal waits for confirmation: keep the files as they are, and
-    /// fetch the user's sources again at `at`.
+    /// Make the files hold exactly this (a no-op on disk when they already do).
+    Write(Desired),
+    /// A mass removal waits for confirmation: keep the keys the files hold,
+    /// and fetch the user's sources again at `at`.
     Confirm {
-        keep: Option<KeySet>,
+        keep: Option<Desired>,
         at: Instant,
         sources: Vec<String>,
     },
@@ -132,6 +143,8 @@ pub(crate) struct Engine {
     sources: BTreeMap<String, SourceSlot>,
     users: BTreeMap<String, Vec<String>>,
     applied: HashMap<String, KeySet>,
+    /// The expiry the files of each user hold (when written in this run).
+    expiries: HashMap<String, SystemTime>,
     /// Per user, the most keys managed lately (see [`Peak`]).
     peaks: HashMap<String, Peak>,
     pending: HashMap<String, Pending>,
@@ -167,6 +180,8 @@ impl Engine {
         self.pending
             .retain(|u, _| settings.users.iter().any(|s| &s.name == u));
         self.peaks
+            .retain(|u, _| settings.users.iter().any(|s| &s.name == u));
+        self.expiries
             .retain(|u, _| settings.users.iter().any(|s| &s.name == u));
     }
 
@@ -232,6 +247,33 @@ impl Engine {
         }
     }
 
+    /// When a source's keys turn stale, on the wall clock as it reads now.
+    fn deadline(&self, slot: &SourceSlot, now: Instant, wall: SystemTime) -> Option<SystemTime> {
+        let left = self.max_stale?.saturating_sub(slot.age?.at(now)?);
+        // Only a max_stale of centuries overflows; then fail closed.
+        Some(wall.checked_add(left).unwrap_or(wall))
+    }
+
+    /// The expiry to write for `user`, whose keys turn stale at `deadline`:
+    /// the one written already while it is no more than `max_stale / 24`
+    /// short of the deadline and not beyond it, else the deadline to the
+    /// second (rounded down, so never beyond it).
+    fn expiry(&self, user: &str, deadline: Option<SystemTime>) -> Option<SystemTime> {
+        let (deadline, max) = (deadline?, self.max_stale?);
+        if let Some(&written) = self.expiries.get(user) {
+            let recent = written
+                .checked_add(max / 24)
+                .is_none_or(|renew_at| renew_at >= deadline);
+            let within = deadline
+                .checked_add(EXPIRY_SLACK)
+                .is_none_or(|limit| written <= limit);
+            if recent && within {
+                return Some(written);
+            }
+        }
+        Some(whole_seconds(deadline))
+    }
+
     /// The sources whose keys are dropped for staleness.
     #[cfg(test)]
     pub(crate) fn stale_sources(&self, now: Instant) -> Vec<String> {
@@ -243,7 +285,7 @@ impl Engine {
     }
 
     /// Decides what `user`'s files should hold now.
-    pub(crate) fn plan(&mut self, user: &str, now: Instant, _wall: SystemTime) -> Plan {
+    pub(crate) fn plan(&mut self, user: &str, now: Instant, wall: SystemTime) -> Plan {
         let Some(sources) = self.users.get(user).cloned() else {
             return Plan::Waiting {
                 sources: Vec::new(),
@@ -252,6 +294,8 @@ impl Engine {
         let mut sets = Vec::new();
         let mut waiting = Vec::new();
         let mut any_stale = false;
+        // The earliest time a source that gives keys turns stale.
+        let mut deadline: Option<SystemTime> = None;
         for name in &sources {
             match self
                 .sources
@@ -259,7 +303,12 @@ impl Engine {
                 .and_then(|s| Some((s, s.good.as_ref()?)))
             {
                 Some((slot, _)) if self.is_stale(slot, now) => any_stale = true,
-                Some((_, good)) => sets.push(&good.keys),
+                Some((slot, good)) => {
+                    sets.push(&good.keys);
+                    if let Some(d) = self.deadline(slot, now, wall) {
+                        deadline = Some(deadline.map_or(d, |e| e.min(d)));
+                    }
+                }
                 None => waiting.push(name.clone()),
             }
         }
@@ -267,9 +316,13 @@ impl Engine {
             return Plan::Waiting { sources: waiting };
         }
         let desired = KeySet::union(sets);
+        let expiry = self.expiry(user, deadline);
         let Some(applied) = self.applied.get(user) else {
             self.pending.remove(user);
-            return Plan::Write(desired);
+            return Plan::Write(Desired {
+                keys: desired,
+                expiry,
+            });
         };
         // What is managed now counts as managed in the window: sampled at
         // every plan, and every write follows a plan, so each count the
@@ -285,9 +338,15 @@ impl Engine {
             || (removed > 0 && peak.saturating_sub(left) > 1 && left * 2 < peak);
         if !mass || any_stale {
             self.pending.remove(user);
-            return Plan::Write(desired);
+            return Plan::Write(Desired {
+                keys: desired,
+                expiry,
+            });
         }
-        let keep = Some(applied.clone());
+        let keep = Some(Desired {
+            keys: applied.clone(),
+            expiry,
+        });
         match self.pending.get(user) {
             Some(p) if p.desired.same_as(&desired) => {
                 let due = p.since + self.confirm_delay;
@@ -302,7 +361,10 @@ impl Engine {
                     // counts against the next answer.
                     self.pending.remove(user);
                     self.peaks.remove(user);
-                    Plan::Write(desired)
+                    Plan::Write(Desired {
+                        keys: desired,
+                        expiry,
+                    })
                 } else {
                     Plan::Confirm {
                         keep,
@@ -325,9 +387,21 @@ impl Engine {
         }
     }
 
-    /// Records a successful write of `keys` for `user`.
-    pub(crate) fn written(&mut self, user: &str, keys: KeySet) {
-        self.applied.insert(user.to_string(), keys);
+    /// Records a successful write for `user`.
+    pub(crate) fn written(&mut self, user: &str, desired: Desired) {
+        match desired.expiry {
+            Some(t) => self.expiries.insert(user.to_string(), t),
+            None => self.expiries.remove(user),
+        };
+        self.applied.insert(user.to_string(), desired.keys);
+    }
+}
+
+/// `t` rounded down to a whole second (sshd's expiry-time has seconds).
+fn whole_seconds(t: SystemTime) -> SystemTime {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => UNIX_EPOCH + Duration::from_secs(d.as_secs()),
+        Err(_) => t,
     }
 }
 
@@ -350,6 +424,26 @@ mod tests {
 
     fn set(ids: &[usize]) -> KeySet {
         KeySet::from_keys(ids.iter().map(|&i| key(i)))
+    }
+
+    fn desired(ids: &[usize]) -> Desired {
+        Desired {
+            keys: set(ids),
+            expiry: None,
+        }
+    }
+
+    /// The plan to write these keys, without max_stale.
+    fn write(ids: &[usize]) -> Plan {
+        Plan::Write(desired(ids))
+    }
+
+    /// The keys a plan writes (with max_stale, whatever their expiry).
+    fn keys(plan: Plan) -> KeySet {
+        match plan {
+            Plan::Write(d) => d.keys,
+            other => panic!("not a write: {other:?}"),
+        }
     }
 
     fn good(ids: &[usize], at: SystemTime) -> LastGood {
@@ -411,7 +505,7 @@ mod tests {
             }
         );
         e.answer("b", good(&[2, 3], w), t);
-        assert_eq!(e.plan("u", t, w), Plan::Write(set(&[1, 2, 3])));
+        assert_eq!(e.plan("u", t, w), write(&[1, 2, 3]));
     }
 
     #[test]
@@ -424,7 +518,7 @@ mod tests {
         let Plan::Confirm { keep, at, .. } = e.plan("u", t0, w) else {
             panic!()
         };
-        assert_eq!(keep, Some(set(&[1, 2, 3, 4])));
+        assert_eq!(keep, Some(desired(&[1, 2, 3, 4])));
         assert_eq!(at, t0 + Duration::from_secs(5));
         // Asking again before the second fetch changes nothing.
         let t1 = t0 + Duration::from_secs(6);
@@ -433,7 +527,7 @@ mod tests {
         e.unchanged("a", w, t1);
         assert!(matches!(e.plan("u", t1, w), Plan::Confirm { .. }));
         e.answer("b", good(&[], w), t1);
-        assert_eq!(e.plan("u", t1, w), Plan::Write(set(&[1])));
+        assert_eq!(e.plan("u", t1, w), write(&[1]));
     }
 
     #[test]
@@ -448,7 +542,7 @@ mod tests {
         e.answer("a", good(&[1, 2, 3, 4], w), t1);
         e.answer("b", good(&[], w), t1);
         // Back to the full list: written (nothing removed).
-        assert_eq!(e.plan("u", t1, w), Plan::Write(set(&[1, 2, 3, 4])));
+        assert_eq!(e.plan("u", t1, w), write(&[1, 2, 3, 4]));
     }
 
     #[test]
@@ -458,13 +552,13 @@ mod tests {
         e.set_applied("u", set(&[1, 2, 3]));
         e.answer("a", good(&[1, 2], w), t);
         e.answer("b", good(&[], w), t);
-        assert_eq!(e.plan("u", t, w), Plan::Write(set(&[1, 2])));
+        assert_eq!(e.plan("u", t, w), write(&[1, 2]));
         // Removing the only key is not "more than one" (once the three
         // managed before are out of the mass-removal window).
         let later = t + MASS_REMOVAL_WINDOW + Duration::from_secs(1);
-        e.written("u", set(&[1]));
+        e.written("u", desired(&[1]));
         e.answer("a", good(&[], w), later);
-        assert_eq!(e.plan("u", later, w), Plan::Write(set(&[])));
+        assert_eq!(e.plan("u", later, w), write(&[]));
     }
 
     const HOUR: Duration = Duration::from_secs(3600);
@@ -482,7 +576,7 @@ mod tests {
         let t1 = t0 + 2 * HOUR;
         let w1 = w0 - DAY + 2 * HOUR;
         e.unchanged("b", w1, t1);
-        assert_eq!(e.plan("u", t1, w1), Plan::Write(set(&[2])));
+        assert_eq!(keys(e.plan("u", t1, w1)), set(&[2]));
         assert_eq!(e.stale_sources(t1), ["a"]);
     }
 
@@ -495,11 +589,11 @@ mod tests {
         e.answer("b", good(&[2], w0), t0);
         // A minute later by the monotonic clock, two days by the wall clock.
         let t1 = t0 + Duration::from_secs(60);
-        assert_eq!(e.plan("u", t1, w0 + 2 * DAY), Plan::Write(set(&[1, 2])));
+        assert_eq!(keys(e.plan("u", t1, w0 + 2 * DAY)), set(&[1, 2]));
         assert!(e.stale_sources(t1).is_empty());
         // The age still counts on the monotonic clock, whatever the wall says.
         let t2 = t0 + HOUR + Duration::from_secs(1);
-        assert_eq!(e.plan("u", t2, w0), Plan::Write(set(&[])));
+        assert_eq!(keys(e.plan("u", t2, w0)), set(&[]));
     }
 
     #[test]
@@ -510,10 +604,10 @@ mod tests {
         // Persisted before a restart by a clock that ran ahead of today's.
         e.restore("a", good(&[1], w + Duration::from_secs(600)), t, w);
         e.restore("b", good(&[2], w - Duration::from_secs(600)), t, w);
-        assert_eq!(e.plan("u", t, w), Plan::Write(set(&[2])));
+        assert_eq!(keys(e.plan("u", t, w)), set(&[2]));
         // Until its next answer, which is fresh.
         e.unchanged("a", w, t);
-        assert_eq!(e.plan("u", t, w), Plan::Write(set(&[1, 2])));
+        assert_eq!(keys(e.plan("u", t, w)), set(&[1, 2]));
     }
 
     #[test]
@@ -528,10 +622,10 @@ mod tests {
         let back = w - DAY;
         let t1 = t + Duration::from_secs(20 * 60);
         e.unchanged("b", back, t1);
-        assert_eq!(e.plan("u", t1, back), Plan::Write(set(&[1, 2])));
+        assert_eq!(keys(e.plan("u", t1, back)), set(&[1, 2]));
         let t2 = t + Duration::from_secs(31 * 60);
         e.unchanged("b", back, t2);
-        assert_eq!(e.plan("u", t2, back), Plan::Write(set(&[2])));
+        assert_eq!(keys(e.plan("u", t2, back)), set(&[2]));
     }
 
     #[test]
@@ -543,8 +637,8 @@ mod tests {
         e.answer("b", good(&[], w), t0);
         // 4 -> 2: half of the keys stay, written at once.
         e.answer("a", good(&[1, 2], w), t0);
-        assert_eq!(e.plan("u", t0, w), Plan::Write(set(&[1, 2])));
-        e.written("u", set(&[1, 2]));
+        assert_eq!(e.plan("u", t0, w), write(&[1, 2]));
+        e.written("u", desired(&[1, 2]));
         // 2 -> 1 half a second later removes one key only, but leaves
         // fewer than half of the 4 managed moments ago.
         let t1 = t0 + half;
@@ -552,7 +646,7 @@ mod tests {
         let Plan::Confirm { keep, .. } = e.plan("u", t1, w) else {
             panic!("2 -> 1 after 4 must be confirmed")
         };
-        assert_eq!(keep, Some(set(&[1, 2])));
+        assert_eq!(keep, Some(desired(&[1, 2])));
         // 1 -> 0: a new list restarts the confirmation.
         let t2 = t1 + half;
         e.answer("a", good(&[], w), t2);
@@ -564,7 +658,7 @@ mod tests {
         let t3 = at + half;
         e.answer("a", good(&[], w), t3);
         e.answer("b", good(&[], w), t3);
-        assert_eq!(e.plan("u", t3, w), Plan::Write(set(&[])));
+        assert_eq!(e.plan("u", t3, w), write(&[]));
     }
 
     #[test]
@@ -574,23 +668,139 @@ mod tests {
         e.answer("b", good(&[], w), t0);
         e.set_applied("u", set(&[1, 2, 3, 4]));
         e.answer("a", good(&[1, 2, 3, 4], w), t0);
-        assert_eq!(e.plan("u", t0, w), Plan::Write(set(&[1, 2, 3, 4])));
+        assert_eq!(e.plan("u", t0, w), write(&[1, 2, 3, 4]));
         // Four keys managed until 15 min, then two: at 20 min the four
         // were managed less than ten minutes ago.
         let t1 = t0 + Duration::from_secs(15 * 60);
         e.answer("a", good(&[1, 2], w), t1);
-        assert_eq!(e.plan("u", t1, w), Plan::Write(set(&[1, 2])));
-        e.written("u", set(&[1, 2]));
+        assert_eq!(e.plan("u", t1, w), write(&[1, 2]));
+        e.written("u", desired(&[1, 2]));
         let t2 = t0 + Duration::from_secs(20 * 60);
         e.answer("a", good(&[1], w), t2);
         assert!(matches!(e.plan("u", t2, w), Plan::Confirm { .. }));
         // Back to two; eleven minutes after the four were last managed,
         // 2 -> 1 is a single removal again.
         e.answer("a", good(&[1, 2], w), t2);
-        assert_eq!(e.plan("u", t2, w), Plan::Write(set(&[1, 2])));
+        assert_eq!(e.plan("u", t2, w), write(&[1, 2]));
         let t3 = t1 + Duration::from_secs(11 * 60);
         e.answer("a", good(&[1], w), t3);
-        assert_eq!(e.plan("u", t3, w), Plan::Write(set(&[1])));
+        assert_eq!(e.plan("u", t3, w), write(&[1]));
+    }
+
+    fn expiry_of(plan: Plan) -> Option<SystemTime> {
+        match plan {
+            Plan::Write(d) => d.expiry,
+            Plan::Confirm { keep, .. } => keep.and_then(|d| d.expiry),
+            Plan::Waiting { .. } => panic!("waiting"),
+        }
+    }
+
+    #[test]
+    fn lines_expire_when_the_keys_would_turn_stale() {
+        let mut e = Engine::new(&settings(Some(DAY)));
+        let (t0, w0) = (Instant::now(), SystemTime::now());
+        e.answer("a", good(&[1], w0), t0);
+        e.answer("b", good(&[2], w0), t0);
+        let Plan::Write(d) = e.plan("u", t0, w0) else {
+            panic!()
+        };
+        assert_eq!(d.keys, set(&[1, 2]));
+        assert_eq!(d.expiry, Some(whole_seconds(w0 + DAY)));
+        // Without max_stale, no expiry.
+        let mut off = Engine::new(&settings(None));
+        off.answer("a", good(&[1], w0), t0);
+        off.answer("b", good(&[2], w0), t0);
+        assert_eq!(off.plan("u", t0, w0), write(&[1, 2]));
+    }
+
+    #[test]
+    fn the_expiry_is_renewed_once_per_twenty_fourth_of_max_stale() {
+        let mut e = Engine::new(&settings(Some(DAY)));
+        let (t0, w0) = (Instant::now(), SystemTime::now());
+        let first = whole_seconds(w0 + DAY);
+        e.answer("a", good(&[1], w0), t0);
+        e.answer("b", good(&[2], w0), t0);
+        let Plan::Write(d) = e.plan("u", t0, w0) else {
+            panic!()
+        };
+        e.written("u", d);
+        let minutes = |m: u64| Duration::from_secs(m * 60);
+        // A 304 a minute for 59 minutes: the files keep their expiry.
+        for m in 1..60 {
+            let (t, w) = (t0 + minutes(m), w0 + minutes(m));
+            e.unchanged("a", w, t);
+            e.unchanged("b", w, t);
+            let Plan::Write(d) = e.plan("u", t, w) else {
+                panic!()
+            };
+            assert_eq!(d.expiry, Some(first), "minute {m}");
+            e.written("u", d);
+        }
+        // Past an hour (a day / 24) short of the deadline: renewed.
+        let (t, w) = (t0 + minutes(61), w0 + minutes(61));
+        e.unchanged("a", w, t);
+        e.unchanged("b", w, t);
+        assert_eq!(expiry_of(e.plan("u", t, w)), Some(whole_seconds(w + DAY)));
+    }
+
+    #[test]
+    fn the_expiry_is_the_earliest_of_the_users_sources() {
+        let mut e = Engine::new(&settings(Some(DAY)));
+        let (t0, w0) = (Instant::now(), SystemTime::now());
+        e.answer("a", good(&[1], w0), t0);
+        let (t1, w1) = (t0 + 2 * HOUR, w0 + 2 * HOUR);
+        e.answer("b", good(&[2], w1), t1);
+        // a answered two hours before b: its keys turn stale first.
+        assert_eq!(
+            expiry_of(e.plan("u", t1, w1)),
+            Some(whole_seconds(w0 + DAY))
+        );
+    }
+
+    #[test]
+    fn the_expiry_follows_the_wall_clock_sshd_reads() {
+        let mut e = Engine::new(&settings(Some(DAY)));
+        let (t0, w0) = (Instant::now(), SystemTime::now());
+        e.answer("a", good(&[1], w0), t0);
+        e.answer("b", good(&[2], w0), t0);
+        let Plan::Write(d) = e.plan("u", t0, w0) else {
+            panic!()
+        };
+        e.written("u", d.clone());
+        let t1 = t0 + Duration::from_secs(60);
+        // Set back a day: the written time lies a day beyond the deadline
+        // for sshd's clock; lowered at once.
+        let back = w0 - DAY + Duration::from_secs(60);
+        let Plan::Write(lowered) = e.plan("u", t1, back) else {
+            panic!()
+        };
+        assert_eq!(lowered.expiry, Some(whole_seconds(w0)));
+        assert_eq!(lowered.keys, set(&[1, 2]));
+        // Forward two days: the written time would come too early; renewed.
+        let ahead = w0 + 2 * DAY + Duration::from_secs(60);
+        assert_eq!(
+            expiry_of(e.plan("u", t1, ahead)),
+            Some(whole_seconds(w0 + 3 * DAY))
+        );
+    }
+
+    #[test]
+    fn keys_kept_for_confirmation_keep_an_expiry() {
+        let mut e = Engine::new(&settings(Some(DAY)));
+        let (t0, w0) = (Instant::now(), SystemTime::now());
+        e.set_applied("u", set(&[1, 2, 3, 4]));
+        e.answer("a", good(&[], w0), t0);
+        e.answer("b", good(&[], w0), t0);
+        let Plan::Confirm { keep, .. } = e.plan("u", t0, w0) else {
+            panic!("a mass removal")
+        };
+        assert_eq!(
+            keep,
+            Some(Desired {
+                keys: set(&[1, 2, 3, 4]),
+                expiry: Some(whole_seconds(w0 + DAY)),
+            })
+        );
     }
 
     #[test]
@@ -602,7 +812,7 @@ mod tests {
         e.set_applied("u", set(&[1, 2, 3]));
         e.restore("a", good(&[1, 2, 3], old), t, w);
         e.answer("b", good(&[], w), t);
-        assert_eq!(e.plan("u", t, w), Plan::Write(set(&[])));
+        assert_eq!(keys(e.plan("u", t, w)), set(&[]));
         assert_eq!(e.stale_sources(t), ["a"]);
     }
 }

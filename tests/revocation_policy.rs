@@ -3,12 +3,16 @@
 //! - Every line keysync writes holds, for OpenSSH (`ssh-keygen -l`, which
 //!   splits options with sshd's own code), the key keysync checked and
 //!   reports in `/status`, also for options crafted to make the two disagree.
+//! - With `max_stale`, written lines carry `expiry-time="…Z"`, which OpenSSH
+//!   reads, and a real sshd refuses a line whose time has passed.
 //! - `max_stale` counts on the monotonic clock: a wall clock set back or
 //!   forward (libfaketime, monotonic clock left alone) neither keeps stale
 //!   keys nor drops fresh ones; a persisted answer from the future is stale
 //!   after a restart.
 //! - A list shrinking step by step waits for the mass-removal confirmation.
 
+#[path = "support/sshd.rs"]
+mod sshd;
 mod support;
 
 use std::collections::BTreeSet;
@@ -171,6 +175,39 @@ fn unix_secs(t: SystemTime) -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
+/// `YYYYMMDDHHMMSS` (UTC) as Unix seconds.
+fn parse_timespec(spec: &str) -> i64 {
+    let n = |r: std::ops::Range<usize>| spec[r].parse::<i64>().expect("digits");
+    let (y, m, d) = (n(0..4), n(4..6), n(6..8));
+    // Howard Hinnant's days_from_civil.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    days * 86_400 + n(8..10) * 3600 + n(10..12) * 60 + n(12..14)
+}
+
+/// The expiry time of a written line, as Unix seconds: the line must start
+/// with `expiry-time="YYYYMMDDHHMMSSZ"`, then more options or the key.
+fn expiry_of(line: &str) -> i64 {
+    let rest = line
+        .strip_prefix("expiry-time=\"")
+        .unwrap_or_else(|| panic!("no expiry-time first in {line:?}"));
+    let (spec, after) = rest.split_at(15);
+    assert!(
+        spec.ends_with('Z') && spec[..14].bytes().all(|b| b.is_ascii_digit()),
+        "{line:?}"
+    );
+    assert!(
+        after.starts_with("\",") || after.starts_with("\" "),
+        "{line:?}"
+    );
+    parse_timespec(&spec[..14])
+}
+
 // ---------------------------------------------------------------------------
 // 1. The key keysync checks is the key sshd uses
 
@@ -241,7 +278,131 @@ async fn every_written_line_holds_the_key_keysync_reports() {
 }
 
 // ---------------------------------------------------------------------------
-// 2. max_stale on the monotonic clock
+// 2. expiry-time
+
+#[tokio::test(flavor = "multi_thread")]
+async fn written_lines_carry_an_expiry_time_that_openssh_reads() {
+    let cp = FakeControlPlane::start().await;
+    cp.set_token(Some("test-token"));
+    let [alice, bob, _] = fixture_keys();
+    cp.set_keys([
+        alice.to_string(),
+        format!("no-pty,command=\"echo a b\" {bob}"),
+    ]);
+    let url = cp.url();
+    blocking(move || {
+        let env = TestEnv::new();
+        env.write_config(&config(
+            &env,
+            &vast(&url),
+            "root",
+            "options = \"restrict,port-forwarding\"",
+            "allow_source_options = true\nmax_stale = \"2h\"",
+        ));
+        let before = unix_secs(SystemTime::now());
+        let out = run_once(&env, |_| {});
+        let after = unix_secs(SystemTime::now());
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let content = env.read_target().expect("target written");
+        let lines = block_keys(&content);
+        assert_eq!(lines.len(), 2, "{content}");
+        for line in &lines {
+            // Within the second of the answer, plus two hours.
+            let expiry = expiry_of(line);
+            assert!(
+                (before + 7200 - 1..=after + 7200).contains(&expiry),
+                "{line}: expiry {expiry}, answer between {before} and {after}"
+            );
+        }
+        let rest = |line: &str| line.split_once("Z\",").map(|(_, r)| r.to_string());
+        assert_eq!(
+            lines.iter().filter_map(|l| rest(l)).collect::<Vec<_>>(),
+            [
+                format!("restrict,port-forwarding {alice}"),
+                format!("restrict,port-forwarding,no-pty,command=\"echo a b\" {bob}"),
+            ],
+            "the expiry first, then the user's options, then the key's"
+        );
+        // OpenSSH reads every line, as the key it is.
+        let read = ssh_keygen_fingerprints(&env.target());
+        assert_eq!(
+            read,
+            [
+                fingerprint_of(env.path(), alice),
+                fingerprint_of(env.path(), bob)
+            ]
+        );
+        // The hook's cache holds the same lines.
+        assert_eq!(
+            block_keys(&content).join("\n") + "\n",
+            env.cache("root").unwrap_or_default()
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_sshd_refuses_a_line_past_its_expiry_time() {
+    if !sshd::can_run("a_real_sshd_refuses_a_line_past_its_expiry_time")
+        || !have_faketime("a_real_sshd_refuses_a_line_past_its_expiry_time")
+    {
+        return;
+    }
+    let cp = FakeControlPlane::start().await;
+    cp.set_token(Some("test-token"));
+    let url = cp.url();
+    blocking(move || {
+        let env = TestEnv::new();
+        let name = format!("ksx{}", std::process::id());
+        let user = sshd::LoginUser::create(&name);
+        let key = sshd::ClientKey::create(env.path(), "client");
+        cp.set_keys([key.public.clone()]);
+        env.write_config(&config(
+            &env,
+            &vast(&url),
+            &user.name,
+            "",
+            "max_stale = \"1h\"",
+        ));
+        let mut sshd = sshd::Sshd::start(env.path(), &user.name);
+
+        // The agent's clock right: the key expires in an hour and logs in.
+        let out = run_once(&env, |_| {});
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let target = user.home.join(".ssh/authorized_keys");
+        let line = block_keys(&std::fs::read_to_string(&target).expect("written"))
+            .pop()
+            .expect("a line");
+        assert!(expiry_of(&line) > unix_secs(SystemTime::now()), "{line}");
+        sshd.assert_logs_in(
+            &user.name,
+            &key,
+            "a line whose expiry-time is an hour ahead",
+        );
+
+        // An agent whose wall clock is two hours behind writes an expiry
+        // that is an hour past for sshd: the same format, refused.
+        let spec = env.path().join("faketime");
+        std::fs::write(&spec, "-2h\n").expect("faketime spec");
+        let out = run_once(&env, |cmd| fake_wall_clock(cmd, &spec));
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let line = block_keys(&std::fs::read_to_string(&target).expect("written"))
+            .pop()
+            .expect("a line");
+        assert!(expiry_of(&line) < unix_secs(SystemTime::now()), "{line}");
+        sshd.assert_refused(&user.name, &key, "a line whose expiry-time has passed");
+        assert!(
+            sshd.log().contains("entry expired at"),
+            "sshd refused for another reason:\n{}",
+            sshd.log_tail()
+        );
+        drop(sshd);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// 3. max_stale on the monotonic clock
 
 /// An agent against its own control plane, `max_stale` set, writing its
 /// keys, with the wall clock libfaketime gives it from `spec`.
@@ -394,7 +555,7 @@ async fn a_persisted_answer_from_the_future_is_stale_after_a_restart() {
 }
 
 // ---------------------------------------------------------------------------
-// 3. Mass removal over a window
+// 4. Mass removal over a window
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_list_shrinking_step_by_step_waits_for_confirmation() {

@@ -354,7 +354,7 @@ impl Syncer {
     /// Writes the cache and the home file of one user; true when the home
     /// file changed. The error is what status reports; a file written that
     /// sshd's StrictModes would refuse is recorded as the user's error too.
-    fn write_user(&mut self, user: &UserSettings, keys: &KeySet) -> Result<bool, String> {
+    fn write_user(&mut self, user: &UserSettings, keys: &render::Desired) -> Result<bool, String> {
         let name = &user.name;
         let account = users::lookup(name).map_err(|e| e.to_string())?;
         let lines = render::key_lines(keys, user.options.as_deref());
@@ -377,7 +377,7 @@ impl Syncer {
         };
         let wrote_home = home.map_err(|e| error_chain(&e))? != Outcome::Unchanged;
         wrote_any |= wrote_home;
-        self.log_changes(name, keys);
+        self.log_changes(name, &keys.keys);
         self.engine.written(name, keys.clone());
         if wrote_any {
             self.metrics
