@@ -127,7 +127,11 @@ async fn drift_repair_waits_for_a_slow_writer_to_close_the_file() {
     .await
     .unwrap();
     let content = std::fs::read_to_string(&target).unwrap();
-    assert!(repaired, "block not re-asserted:\n{content}\nlog:\n{}", agent.log_text());
+    assert!(
+        repaired,
+        "block not re-asserted:\n{content}\nlog:\n{}",
+        agent.log_text()
+    );
     for i in 0..40 {
         assert!(
             content.contains(&format!("# line {i} of a slow writer\n")),
