@@ -118,6 +118,8 @@ pub enum KeyError {
     HasOptions(String),
     #[error("unparsable key: {0}")]
     Unparsable(String),
+    #[error("sshd would read another key from this entry than the one checked")]
+    Misread,
 }
 
 /// Parses and checks one entry (one key, possibly with options and comment).
@@ -144,17 +146,16 @@ pub fn parse_entry(entry: &str, policy: &Policy) -> Result<Key, KeyError> {
         return Err(KeyError::PrivateKey);
     }
 
-    let (options, rest) = split_options(text);
-    let mut fields = rest.split([' ', '\t']).filter(|f| !f.is_empty());
-    let algorithm = fields.next().ok_or(KeyError::Empty)?;
-    let blob = fields
-        .next()
-        .ok_or_else(|| KeyError::Unparsable("no key data after the type".into()))?;
-    let comment_start = rest
-        .find(blob)
-        .map(|i| i + blob.len())
-        .unwrap_or(rest.len());
-    let comment = rest[comment_start..].trim_matches([' ', '\t']);
+    let (options, rest) = split_options(text)?;
+    let (algorithm, after) = field(rest);
+    if algorithm.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    let (blob, comment) = field(after);
+    if blob.is_empty() {
+        return Err(KeyError::Unparsable("no key data after the type".into()));
+    }
+    let comment = comment.trim_end_matches(BLANK);
 
     if algorithm == "ssh-dss" {
         return Err(KeyError::Dss);
@@ -187,13 +188,20 @@ pub fn parse_entry(entry: &str, policy: &Policy) -> Result<Key, KeyError> {
         .nth(1)
         .ok_or_else(|| KeyError::Unparsable("cannot re-encode key".into()))?
         .to_string();
-    Ok(Key {
+    let key = Key {
         options: options.map(str::to_string),
         algorithm: algorithm.to_string(),
         blob,
         comment: truncate(comment, MAX_COMMENT_BYTES).to_string(),
         fingerprint: public.fingerprint(HashAlg::Sha256).to_string(),
-    })
+    };
+    // The line keysync writes, read back the way sshd reads it, must hold
+    // the key just checked: the splitting above and sshd's must never
+    // disagree, and if they ever did, the entry goes.
+    if sshd_key(&key.line(None)) != Some(key.id()) {
+        return Err(KeyError::Misread);
+    }
+    Ok(key)
 }
 
 /// Unicode line and paragraph separators are not control characters but
@@ -202,34 +210,105 @@ fn is_line_break(c: char) -> bool {
     matches!(c, '\u{85}' | '\u{2028}' | '\u{2029}')
 }
 
-/// Splits leading options off an entry. An entry starts with options when
-/// its first field is not a key type; options end at the first unquoted blank.
-fn split_options(text: &str) -> (Option<&str>, &str) {
-    let first = text.split([' ', '\t']).next().unwrap_or("");
-    if looks_like_algorithm(first) {
-        return (None, text);
+/// The blanks that separate an authorized_keys line's fields.
+const BLANK: [char; 2] = [' ', '\t'];
+
+/// The first field of `text` and what follows it, blanks skipped (the way
+/// sshd's `sshkey_read` takes the type and the blob: up to a space or tab).
+fn field(text: &str) -> (&str, &str) {
+    match text.find(BLANK) {
+        Some(i) => (&text[..i], text[i..].trim_start_matches(BLANK)),
+        None => (text, ""),
     }
-    let mut quoted = false;
-    let mut escaped = false;
-    for (i, c) in text.char_indices() {
-        match c {
-            _ if escaped => escaped = false,
-            '\\' if quoted => escaped = true,
-            '"' => quoted = !quoted,
-            ' ' | '\t' if !quoted => {
-                return (Some(&text[..i]), text[i..].trim_start_matches([' ', '\t']));
-            }
-            _ => {}
-        }
-    }
-    (None, text)
 }
 
+/// Splits leading options off an entry the way sshd does
+/// (`auth_check_authkey_line` in OpenSSH's auth2-pubkeyfile.c): a line
+/// whose first field is a key type is a key without options; otherwise
+/// [`options_end`] says where the options stop, and the key follows.
+fn split_options(text: &str) -> Result<(Option<&str>, &str), KeyError> {
+    let (first, _) = field(text);
+    if looks_like_algorithm(first) {
+        return Ok((None, text));
+    }
+    let end = options_end(text)
+        .ok_or_else(|| KeyError::Unparsable("a quote in the options is never closed".into()))?;
+    let rest = text[end..].trim_start_matches(BLANK);
+    if rest.is_empty() {
+        return Err(KeyError::Unparsable("options and no key after them".into()));
+    }
+    Ok((Some(&text[..end]), rest))
+}
+
+/// Where options starting `text` end, as OpenSSH's
+/// `sshkey_advance_past_options` finds it: at the first space or tab outside
+/// double quotes. A `"` toggles quoting; `\"` is skipped whole, inside
+/// quotes and out, and is the only escape (a backslash before anything else
+/// is itself, so `\\"` is a backslash and an escaped quote). None when a
+/// quote is still open at the end (sshd refuses such a line).
+fn options_end(text: &str) -> Option<usize> {
+    let bytes = text.as_bytes();
+    let mut quoted = false;
+    let mut i = 0;
+    // Bytes, not chars: every byte that matters is ASCII, and no byte of a
+    // multi-byte UTF-8 character is, so `i` stays on a character boundary
+    // wherever it stops.
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'\\' if bytes.get(i + 1) == Some(&b'"') => i += 1,
+            b'"' => quoted = !quoted,
+            b' ' | b'\t' if !quoted => return Some(i),
+            _ => {}
+        }
+        i += 1;
+    }
+    (!quoted).then_some(i)
+}
+
+/// The (type, blob) fields sshd takes from an authorized_keys line: those
+/// at the start when the first field is a key type, else those after the
+/// options. None when it finds no key there. Also decides for
+/// [`parse_entry`], which rejects an entry whose own line does not read back
+/// as the key it checked.
+pub fn sshd_key(line: &str) -> Option<(&str, &str)> {
+    let line = line.trim_start_matches(BLANK);
+    let (first, _) = field(line);
+    let key = if looks_like_algorithm(first) {
+        line
+    } else {
+        line[options_end(line)?..].trim_start_matches(BLANK)
+    };
+    let (algorithm, after) = field(key);
+    let (blob, _) = field(after);
+    (!algorithm.is_empty() && !blob.is_empty()).then_some((algorithm, blob))
+}
+
+/// Whether `options` is a whole options list as sshd splits it: it ends
+/// where it ends, with no quote left open and no blank outside quotes, so
+/// that joined with others by commas in front of a key it ends exactly there.
+pub fn options_are_closed(options: &str) -> bool {
+    options_end(options) == Some(options.len())
+}
+
+/// Whether sshd may take this first field for a key type (and read the
+/// line as a key without options). Wider than the names sshd knows (every
+/// one starts so, and it also takes `rsa`, `ed25519`, … in any case), so
+/// that a line sshd reads as a key is never split into options here.
 fn looks_like_algorithm(field: &str) -> bool {
+    const SHORT_NAMES: &[&str] = &[
+        "rsa",
+        "dsa",
+        "ecdsa",
+        "ed25519",
+        "ecdsa-sk",
+        "ed25519-sk",
+        "xmss",
+    ];
     field.starts_with("ssh-")
         || field.starts_with("ecdsa-")
         || field.starts_with("sk-")
         || field.starts_with("rsa-")
+        || SHORT_NAMES.iter().any(|n| field.eq_ignore_ascii_case(n))
 }
 
 /// Cuts `s` to at most `max` bytes at a character boundary.
@@ -350,7 +429,7 @@ pub fn line_key_id(line: &str) -> Option<(&str, &str)> {
     if text.is_empty() || text.starts_with('#') {
         return None;
     }
-    let (_, rest) = split_options(text);
+    let (_, rest) = split_options(text).ok()?;
     let mut fields = rest.split([' ', '\t']).filter(|f| !f.is_empty());
     let algorithm = fields.next()?;
     let blob = fields.next()?;
@@ -526,6 +605,172 @@ mod tests {
         assert_eq!(bit_length(&[0x00, 0x80, 0x00]), 16);
         assert_eq!(bit_length(&[0x01]), 1);
         assert_eq!(bit_length(&[]), 0);
+    }
+
+    // ssh-keygen -t rsa -b 2048 (public half only).
+    const RSA2048: &str = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQCV1tUuXGpgDcG48IZVMBqnuC5iIWgh84+b73IfnV52HGrnBdb5oS5WoMWov5HXIKrJl+leNfnrd09pKHUNY5vUnn3BEdMlaDXTf0Fpfbsjban809KbTtv+ayECclHStzT+mvwNWGL0fodIDmcTc5a0V4jKcIiGcX9nSN2yiNUAW5d4uyIh6sjJ4pukA/6HeAuHCWE3MOZCdvZk3vHQjBzqXJzxlOMFaLsxq2067Cw+jDL1tauGfmacbaUwPgYG9R63dmoC5Au5ge4+IVK/jyERlWFC96kv1u1olBHBvM6dwksHnwh6YbIed137X7AQIgkxngS7B13tt3o8lijxPNJD rsa2048";
+
+    fn blob(line: &str) -> &str {
+        line.split(' ').nth(1).unwrap()
+    }
+
+    fn open_policy() -> Policy {
+        Policy {
+            allow_source_options: true,
+            ..policy()
+        }
+    }
+
+    #[test]
+    fn options_end_where_sshd_ends_them() {
+        let p = open_policy();
+        // Inside quotes `\\` escapes nothing: `x\\"` is a backslash and an
+        // escaped quote, so the quote stays open over the ed25519 key and
+        // sshd reads the RSA key after it.
+        let hidden_short = format!("command=\"x\\\\\" {ALICE}\" {RSA1024}");
+        assert!(
+            matches!(
+                parse_entry(&hidden_short, &p),
+                Err(KeyError::RsaTooShort { bits: 1024, .. })
+            ),
+            "{:?}",
+            parse_entry(&hidden_short, &p)
+        );
+        let hidden = format!("command=\"x\\\\\" {ALICE}\" {RSA2048}");
+        let key = parse_entry(&hidden, &p).unwrap();
+        assert_eq!(key.blob, blob(RSA2048));
+        assert_eq!(key.algorithm, "ssh-rsa");
+        assert_eq!(
+            key.options.as_deref(),
+            Some(format!("command=\"x\\\\\" {ALICE}\"").as_str())
+        );
+        // `\"` is skipped whole outside quotes too: it opens no quote.
+        let key = parse_entry(&format!("no-pty,\\\"x {ALICE}"), &p).unwrap();
+        assert_eq!(key.blob, blob(ALICE));
+        assert_eq!(key.options.as_deref(), Some("no-pty,\\\"x"));
+        // An escaped quote inside quotes keeps the quote open.
+        let key = parse_entry(&format!("command=\"echo \\\"a b\\\"\" {BOB}"), &p).unwrap();
+        assert_eq!(key.blob, blob(BOB));
+        // A quote never closed: sshd refuses the line, so do we.
+        assert!(parse_entry(&format!("command=\"x {ALICE}"), &p).is_err());
+        // Options and nothing after them.
+        assert!(parse_entry("no-pty,command=\"a b\"", &p).is_err());
+    }
+
+    #[test]
+    fn sshd_key_reads_lines_as_sshd_does() {
+        assert_eq!(sshd_key(ALICE), Some(("ssh-ed25519", blob(ALICE))));
+        let hidden = format!("command=\"x\\\\\" {ALICE}\" {RSA2048}");
+        assert_eq!(sshd_key(&hidden), Some(("ssh-rsa", blob(RSA2048))));
+        assert_eq!(
+            sshd_key(&format!("no-pty\t{BOB}")),
+            Some(("ssh-ed25519", blob(BOB)))
+        );
+        assert_eq!(sshd_key("command=\"x ssh-ed25519 AAAA"), None);
+        assert_eq!(sshd_key("no-pty"), None);
+    }
+
+    /// The fingerprints `ssh-keygen -l` prints for the lines of a file: it
+    /// splits lines with OpenSSH's own `sshkey_advance_past_options`, as
+    /// sshd does.
+    fn ssh_keygen_fingerprints(lines: &[String]) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("authorized_keys");
+        std::fs::write(
+            &path,
+            lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+        )
+        .unwrap();
+        let out = std::process::Command::new("ssh-keygen")
+            .args(["-l", "-E", "sha256", "-f"])
+            .arg(&path)
+            .output()
+            .expect("ssh-keygen (openssh-client) must be installed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(' ').nth(1).map(str::to_string))
+            .collect()
+    }
+
+    /// For an accepted entry: every line keysync would write for it (bare,
+    /// with user options, with an expiry in front) holds, for OpenSSH, the
+    /// key keysync checked and reports.
+    fn assert_openssh_reads_the_checked_key(entry: &str) -> Result<(), TestCaseError> {
+        let Ok(key) = parse_entry(entry, &open_policy()) else {
+            return Ok(());
+        };
+        let lines = vec![
+            key.line(None),
+            key.line(Some("no-pty")),
+            key.line(Some("expiry-time=\"20991231235959Z\",restrict")),
+        ];
+        let got = ssh_keygen_fingerprints(&lines);
+        prop_assert_eq!(
+            got,
+            vec![key.fingerprint.clone(); 3],
+            "entry {:?} accepted as {:?}; lines {:#?}",
+            entry,
+            key,
+            lines
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn openssh_reads_the_key_keysync_checked_in_crafted_entries() {
+        let entries = [
+            format!("command=\"x\\\\\" {ALICE}\" {RSA2048}"),
+            format!("command=\"x\\\\\" {ALICE}\" {RSA1024}"),
+            format!("no-pty,\\\"x {ALICE}"),
+            format!("from=\"a\\\\\",command=\"b {BOB}\" {RSA2048}"),
+            format!("command=\"echo \\\"a b\\\"\" {BOB}"),
+            format!("environment=\"A=\\\\\" {BOB} {RSA2048}\" {ALICE}"),
+            format!("{ALICE} \"{RSA2048}\""),
+        ];
+        for entry in &entries {
+            assert_openssh_reads_the_checked_key(entry).unwrap();
+        }
+    }
+
+    /// Bits of options that quote, escape and end early.
+    fn head() -> impl Strategy<Value = &'static str> {
+        prop_oneof![
+            Just("\\\\\""),
+            Just("\\\""),
+            Just("\""),
+            Just("\\"),
+            Just(" "),
+            Just("\t"),
+            Just("a,b="),
+        ]
+    }
+
+    /// What follows the first key: closing quotes, blanks, more keys.
+    fn tail() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("\"".to_string()),
+            Just("\" ".to_string()),
+            Just(" ".to_string()),
+            Just("\\\"".to_string()),
+            Just(format!(" {ALICE}")),
+            Just(format!(" {RSA1024}")),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        // Options full of quotes, backslashes and blanks around real keys:
+        // whatever keysync accepts, OpenSSH reads as the same key.
+        #[test]
+        fn openssh_reads_the_key_keysync_checked(
+            start in prop::bool::ANY,
+            head in prop::collection::vec(head(), 0..6),
+            tail in prop::collection::vec(tail(), 0..6),
+        ) {
+            let prefix = if start { "command=\"" } else { "no-pty," };
+            let entry = format!("{prefix}{} {BOB}{}", head.concat(), tail.concat());
+            assert_openssh_reads_the_checked_key(&entry)?;
+        }
     }
 
     proptest! {

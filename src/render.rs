@@ -18,6 +18,13 @@
 //!
 //! Markers are recognised by their prefix, so an edited trailing text or a
 //! CRLF ending still counts. The block's own lines always end in `\n`.
+//!
+//! With `max_stale`, every line starts with `expiry-time="YYYYMMDDHHMMSSZ"`
+//! (OpenSSH's authorized_keys option, in UTC), then the user's options, then
+//! the key's own: sshd stops taking the key at that time even when the agent
+//! is no longer there to remove it.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::keys::KeySet;
 
@@ -26,9 +33,59 @@ pub const END: &str = "# END keysync managed keys";
 const BEGIN_PREFIX: &[u8] = b"# BEGIN keysync managed keys";
 const END_PREFIX: &[u8] = b"# END keysync managed keys";
 
-/// The authorized_keys lines for a user's keys, options prepended.
-pub fn key_lines(keys: &KeySet, user_options: Option<&str>) -> Vec<String> {
-    keys.keys().iter().map(|k| k.line(user_options)).collect()
+/// What a user's files should hold.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Desired {
+    pub keys: KeySet,
+    /// When sshd must stop taking the keys (`max_stale` set), written in
+    /// front of every line.
+    pub expiry: Option<SystemTime>,
+}
+
+/// The authorized_keys lines for a user's keys: the expiry, the user's
+/// options and the key's own, comma-separated, in that order.
+pub fn key_lines(desired: &Desired, user_options: Option<&str>) -> Vec<String> {
+    let options = match (desired.expiry.map(expiry_option), user_options) {
+        (Some(expiry), Some(user)) => Some(format!("{expiry},{user}")),
+        (Some(expiry), None) => Some(expiry),
+        (None, user) => user.map(str::to_string),
+    };
+    desired
+        .keys
+        .keys()
+        .iter()
+        .map(|k| k.line(options.as_deref()))
+        .collect()
+}
+
+/// `expiry-time="YYYYMMDDHHMMSSZ"` for `t`, in UTC (the `Z`), to the second,
+/// inside the years sshd can parse (1970 to 9999).
+pub fn expiry_option(t: SystemTime) -> String {
+    // 9999-12-31T23:59:59Z.
+    const LAST: u64 = 253_402_300_799;
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs()
+        .min(LAST);
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "expiry-time=\"{year:04}{month:02}{day:02}{:02}{:02}{:02}Z\"",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 /// The block, markers included, or nothing when there are no keys.
@@ -179,6 +236,63 @@ mod tests {
 
     fn s(bytes: &[u8]) -> &str {
         std::str::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn expiry_is_utc_to_the_second_in_what_sshd_parses() {
+        let at = |secs: u64| expiry_option(UNIX_EPOCH + Duration::from_secs(secs));
+        assert_eq!(at(0), "expiry-time=\"19700101000000Z\"");
+        // date -u -d @1709251199: Thu Feb 29 23:59:59 UTC 2024.
+        assert_eq!(at(1_709_251_199), "expiry-time=\"20240229235959Z\"");
+        assert_eq!(at(1_709_251_200), "expiry-time=\"20240301000000Z\"");
+        assert_eq!(
+            expiry_option(UNIX_EPOCH + Duration::from_millis(4_102_444_799_999)),
+            "expiry-time=\"20991231235959Z\""
+        );
+        // Out of sshd's range: clamped, never a panic.
+        assert_eq!(at(u64::MAX / 2), "expiry-time=\"99991231235959Z\"");
+        assert_eq!(
+            expiry_option(UNIX_EPOCH - Duration::from_secs(5)),
+            "expiry-time=\"19700101000000Z\""
+        );
+    }
+
+    #[test]
+    fn key_lines_put_the_expiry_first_then_user_then_key_options() {
+        let p = crate::keys::Policy {
+            allow_source_options: true,
+            ..Default::default()
+        };
+        let (keys, bad) = crate::keys::parse_entries(
+            [
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIN7rZ17cV9ag1ih2ph/mjt/dQyeQsJHFDMID9ZaAPkRi a",
+                "command=\"echo a b\" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFRzugNBd+MDtj+CrHEVbfNBi8jOKFGD1yT48UoTK0oN b",
+            ],
+            &p,
+        );
+        assert!(bad.is_empty());
+        let mut desired = Desired { keys, expiry: None };
+        let blobs: Vec<String> = key_lines(&desired, None);
+        assert!(blobs[0].starts_with("ssh-ed25519 "), "{blobs:?}");
+        assert!(blobs[1].starts_with("command=\"echo a b\" ssh-ed25519 "));
+        desired.expiry = Some(UNIX_EPOCH + Duration::from_secs(1_709_251_199));
+        let lines = key_lines(&desired, Some("no-pty"));
+        assert!(
+            lines[0].starts_with("expiry-time=\"20240229235959Z\",no-pty ssh-ed25519 "),
+            "{lines:?}"
+        );
+        assert!(
+            lines[1].starts_with(
+                "expiry-time=\"20240229235959Z\",no-pty,command=\"echo a b\" ssh-ed25519 "
+            ),
+            "{lines:?}"
+        );
+        let lines = key_lines(&desired, None);
+        assert!(lines[0].starts_with("expiry-time=\"20240229235959Z\" ssh-ed25519 "));
+        // Every line still holds its key for sshd.
+        for (line, key) in lines.iter().zip(desired.keys.keys()) {
+            assert_eq!(crate::keys::sshd_key(line), Some(key.id()), "{line}");
+        }
     }
 
     #[test]

@@ -148,10 +148,11 @@ impl Syncer {
 
     fn restore(&mut self) {
         let policy = &self.settings.policy.keys;
+        let (now, wall) = (Instant::now(), SystemTime::now());
         for name in self.settings.sources.keys() {
             if let Some(good) = self.state.load_source(name, policy) {
                 tracing::info!(source = %name, keys = good.keys.len(), "restored {} last good keys of source {name} from state_dir", good.keys.len());
-                self.engine.restore(name, good);
+                self.engine.restore(name, good, now, wall);
             }
         }
         let readback = Policy {
@@ -393,7 +394,7 @@ impl Syncer {
     /// Writes the cache and the home file of one user; true when the home
     /// file changed. The error is what status reports; a file written that
     /// sshd's StrictModes would refuse is recorded as the user's error too.
-    fn write_user(&mut self, user: &UserSettings, keys: &KeySet) -> Result<bool, String> {
+    fn write_user(&mut self, user: &UserSettings, keys: &render::Desired) -> Result<bool, String> {
         let name = &user.name;
         let account = users::lookup(name).map_err(|e| e.to_string())?;
         let lines = render::key_lines(keys, user.options.as_deref());
@@ -450,7 +451,7 @@ impl Syncer {
             self.engine.written(name, keys.clone());
             return Err(error);
         }
-        self.log_changes(name, keys);
+        self.log_changes(name, &keys.keys);
         self.engine.written(name, keys.clone());
         if wrote_any {
             self.board

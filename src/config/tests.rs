@@ -240,3 +240,30 @@ fn every_shipped_example_config_parses() {
     }
     assert!(seen >= 1, "no example config found");
 }
+
+#[test]
+fn user_options_must_end_where_sshd_ends_them() {
+    let with = |options: &str| {
+        let text = format!("{MAIN}options = '{options}'\n");
+        load_texts(&[("/etc/keysync/config.toml", &text)]).map(|s| s.users[0].options.clone())
+    };
+    assert_eq!(
+        with(r#"restrict,command="echo a b""#).unwrap().as_deref(),
+        Some(r#"restrict,command="echo a b""#)
+    );
+    assert_eq!(
+        with(r#"command="say \"hi there\"""#).unwrap().as_deref(),
+        Some(r#"command="say \"hi there\"""#)
+    );
+    // A quote left open would swallow the key's own options and its type:
+    // sshd would read another key, or none.
+    for bad in [
+        r#"command="x"#,
+        r#"command="x\\" ssh-ed25519"#,
+        r#"no-pty "x""#,
+        "no-pty no-x11",
+    ] {
+        let err = with(bad).expect_err(bad).to_string();
+        assert!(err.contains("users[root].options"), "{err}");
+    }
+}

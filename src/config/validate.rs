@@ -11,7 +11,7 @@ use super::settings::{
     ApiKeySource, PolicySettings, Settings, SourceKind, SourceSettings, UserSettings, WriteMode,
 };
 use super::{ConfigError, DEFAULT_HEALTH_SOCKET, DEFAULT_STATE_DIR, DEFAULT_VAST_URL};
-use crate::keys::DEFAULT_ALGORITHMS;
+use crate::keys::{DEFAULT_ALGORITHMS, options_are_closed};
 
 pub(super) fn validate(merged: Fragment, files: &[(&Path, &str)]) -> Result<Settings, ConfigError> {
     let state_dir = merged
@@ -447,12 +447,15 @@ fn validate_user(
     let options = match &f.options {
         Some(o) => {
             let text = o.get_ref().trim();
-            if text.chars().any(|c| c.is_control()) || text.contains(' ') && !text.contains('"') {
+            // Prepended to every key's line: they must end where sshd
+            // ends them, or sshd would read another key than the one checked.
+            if text.chars().any(|c| c.is_control()) || !options_are_closed(text) {
                 return invalid(
                     at,
                     o.span(),
                     &field("options"),
-                    "options are one comma-separated list without spaces or control characters",
+                    "options are one comma-separated list without control characters, \
+                     spaces only inside double quotes, every quote closed",
                 );
             }
             (!text.is_empty()).then(|| text.to_string())

@@ -15,6 +15,7 @@ mod hostile_net;
 mod packaging;
 mod reload;
 mod revocation;
+mod revocation_policy;
 mod service;
 mod smoke;
 mod sources;

@@ -15,228 +15,16 @@
 //! Needs root (useradd, sshd, the agent's fsuid switch). Without root the
 //! tests say so loudly and pass, except under CI=true, where they fail.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+use std::path::Path;
 
 use crate::support::block::block_keys;
 use crate::support::config::{Config, User};
-use crate::support::env::{TestEnv, bin};
+use crate::support::env::TestEnv;
 use crate::support::files::chmod;
 use crate::support::scenario::{Scenario, with_no_keys};
+use crate::support::sshd::{HookBinary, Sshd, base_config, can_run as sshd_can_run, client_key};
+use crate::support::text;
 use crate::support::users::TestUser;
-use crate::support::{eventually, is_root, log_tail, output_within, text};
-
-const SSHD: &str = "/usr/sbin/sshd";
-
-/// True when the test can run here: as root, with sshd installed.
-fn sshd_can_run(test: &str) -> bool {
-    let missing = if !is_root() {
-        Some("it must run as root (useradd, sshd)")
-    } else if !Path::new(SSHD).exists() {
-        Some("openssh-server is not installed (/usr/sbin/sshd)")
-    } else {
-        None
-    };
-    crate::support::can_run(test, missing)
-}
-
-/// An ed25519 client key made by ssh-keygen.
-struct ClientKey {
-    private: PathBuf,
-    /// The `.pub` line: `ssh-ed25519 AAAA… <comment>`.
-    public: String,
-}
-
-fn client_key(dir: &Path, name: &str) -> ClientKey {
-    let private = dir.join(name);
-    let out = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C"])
-        .arg(format!("{name}@keysync-test"))
-        .arg("-f")
-        .arg(&private)
-        .output()
-        .expect("ssh-keygen");
-    assert!(out.status.success(), "ssh-keygen: {}", text(&out.stderr));
-    let public = std::fs::read_to_string(private.with_extension("pub")).expect("read .pub");
-    ClientKey {
-        private,
-        public: public.trim_end().to_string(),
-    }
-}
-
-/// The AuthorizedKeysCommand binary. sshd refuses a command unless it and
-/// every parent directory are root-owned and not group/world-writable, which
-/// rules out /tmp (1777) and possibly the cargo target dir: the binary is
-/// linked (or copied) into a fresh 0755 directory under /run.
-struct HookBinary {
-    dir: tempfile::TempDir,
-}
-
-impl HookBinary {
-    fn install() -> HookBinary {
-        let dir = tempfile::Builder::new()
-            .prefix("keysync-akc-")
-            .tempdir_in("/run")
-            .expect("tempdir in /run");
-        chmod(dir.path(), 0o755);
-        let path = dir.path().join("keysync");
-        let built = bin();
-        let meta = std::fs::metadata(&built).expect("stat the built binary");
-        use std::os::unix::fs::MetadataExt;
-        let safe = meta.uid() == 0 && meta.mode() & 0o022 == 0;
-        // A hard link shares the (root-owned, 0755) inode and costs nothing;
-        // across file systems, or with unsafe modes, copy.
-        if !(safe && std::fs::hard_link(&built, &path).is_ok()) {
-            std::fs::copy(&built, &path).expect("copy the binary");
-            chmod(&path, 0o755);
-        }
-        HookBinary { dir }
-    }
-
-    fn path(&self) -> PathBuf {
-        self.dir.path().join("keysync")
-    }
-}
-
-/// A private sshd, stopped on drop.
-struct Sshd {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-}
-
-impl Sshd {
-    /// Starts `sshd -D -e` with `config` (its `Port` comes from `-p`) and
-    /// waits until it listens. A port taken between picking and binding is
-    /// retried with another.
-    fn start(dir: &Path, config: &str) -> Sshd {
-        std::fs::create_dir_all("/run/sshd").expect("mkdir /run/sshd (privilege separation)");
-        let config_path = dir.join("sshd_config");
-        std::fs::write(&config_path, config).expect("write sshd_config");
-        let log = dir.join("sshd.log");
-        let mut last_log = String::new();
-        for _attempt in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("pick a port")
-                .port();
-            let log_file = std::fs::File::create(&log).expect("sshd log");
-            // sshd re-executes itself per connection: it needs its absolute path.
-            let mut child = Command::new(SSHD)
-                .args(["-D", "-e", "-f"])
-                .arg(&config_path)
-                .arg("-p")
-                .arg(port.to_string())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log_file)
-                .spawn()
-                .expect("spawn sshd");
-            let listening = format!("Server listening on 127.0.0.1 port {port}");
-            let mut exited = false;
-            eventually(Duration::from_secs(20), || {
-                exited = matches!(child.try_wait(), Ok(Some(_)));
-                exited || std::fs::read_to_string(&log).is_ok_and(|l| l.contains(&listening))
-            });
-            last_log = std::fs::read_to_string(&log).unwrap_or_default();
-            if !exited && last_log.contains(&listening) {
-                return Sshd { child, port, log };
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            if !last_log.contains("Address already in use") {
-                break;
-            }
-        }
-        panic!("sshd did not start:\n{last_log}");
-    }
-
-    fn log_tail(&self) -> String {
-        log_tail(&std::fs::read_to_string(&self.log).unwrap_or_default())
-    }
-
-    /// `ssh … USER@127.0.0.1 true` with only `key`, no config files, no
-    /// agent, no prompts. Fails the test if it has not finished after 60 s.
-    fn ssh(&self, user: &str, key: &ClientKey) -> Output {
-        let mut ssh = Command::new("ssh");
-        ssh.args(["-F", "/dev/null", "-i"])
-            .arg(&key.private)
-            .arg("-p")
-            .arg(self.port.to_string())
-            .args([
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-o",
-                "PreferredAuthentications=publickey",
-                "-o",
-                "ConnectTimeout=20",
-                "-o",
-                "LogLevel=ERROR",
-            ])
-            .arg(format!("{user}@127.0.0.1"))
-            .arg("true")
-            .env_remove("SSH_AUTH_SOCK")
-            .stdin(Stdio::null());
-        let (finished, out) = output_within(&mut ssh, Duration::from_secs(60));
-        assert!(
-            finished,
-            "ssh did not finish within 60 s\nsshd log:\n{}",
-            self.log_tail()
-        );
-        out
-    }
-
-    fn assert_logs_in(&mut self, user: &str, key: &ClientKey, why: &str) {
-        let out = self.ssh(user, key);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{why}: expected `ssh -i {}` to log in (exit 0), got {:?}\nssh: {}\nsshd log:\n{}",
-            key.private.display(),
-            out.status,
-            text(&out.stderr),
-            self.log_tail()
-        );
-    }
-
-    fn assert_refused(&mut self, user: &str, key: &ClientKey, why: &str) {
-        let out = self.ssh(user, key);
-        let stderr = text(&out.stderr);
-        assert_eq!(
-            out.status.code(),
-            Some(255),
-            "{why}: expected ssh to be refused (exit 255, \"Permission denied\"), got {:?}\nssh: {stderr}\nsshd log:\n{}",
-            out.status,
-            self.log_tail()
-        );
-        // 255 is also what ssh returns when it cannot connect at all: only
-        // an authentication refusal by a live sshd counts.
-        assert!(
-            stderr.contains("Permission denied (publickey)"),
-            "{why}: ssh exited 255 but not with an authentication refusal: {stderr}\nsshd log:\n{}",
-            self.log_tail()
-        );
-        assert!(
-            matches!(self.child.try_wait(), Ok(None)),
-            "{why}: sshd died\n{}",
-            self.log_tail()
-        );
-    }
-}
-
-impl Drop for Sshd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -285,17 +73,6 @@ struct Hook<'a> {
 }
 
 fn sshd_config(dir: &Path, login_user: &str, mode: Mode, hook: Option<Hook>) -> String {
-    let host_key = dir.join("ssh_host_ed25519_key");
-    let out = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&host_key)
-        .output()
-        .expect("ssh-keygen host key");
-    assert!(
-        out.status.success(),
-        "ssh-keygen host key: {}",
-        text(&out.stderr)
-    );
     let keys = match (mode, hook) {
         (Mode::Block, _) => "AuthorizedKeysFile .ssh/authorized_keys\n".to_string(),
         (Mode::Fragment, _) => {
@@ -312,22 +89,7 @@ fn sshd_config(dir: &Path, login_user: &str, mode: Mode, hook: Option<Hook>) -> 
         ),
         (Mode::None { .. }, None) => unreachable!("none mode needs the hook"),
     };
-    format!(
-        "ListenAddress 127.0.0.1\n\
-         HostKey {host_key}\n\
-         PidFile {pid}\n\
-         StrictModes yes\n\
-         PubkeyAuthentication yes\n\
-         PasswordAuthentication no\n\
-         KbdInteractiveAuthentication no\n\
-         UsePAM no\n\
-         PermitRootLogin no\n\
-         AllowUsers {login_user}\n\
-         LogLevel DEBUG1\n\
-         {keys}",
-        host_key = host_key.display(),
-        pid = dir.join("sshd.pid").display(),
-    )
+    base_config(dir, login_user, &keys)
 }
 
 /// One `keysync run --once`; it must succeed.

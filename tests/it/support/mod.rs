@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod notify;
 pub mod raw_http;
 pub mod scenario;
+pub mod sshd;
 pub mod users;
 
 use std::process::{Command, Output, Stdio};
