@@ -29,7 +29,8 @@ pub(crate) fn draw() -> f64 {
 /// `Retry-After` up to half of `max_backoff` is waited in full, a longer
 /// one is cut to the cap and still spread below it, and no value however
 /// large holds up the next fetch (and with it a revocation) for longer than
-/// `max_backoff`. `max_backoff` under `interval` counts as `interval`.
+/// `max_backoff`. A short one never makes the wait shorter than the plain
+/// backoff's. `max_backoff` under `interval` counts as `interval`.
 pub(crate) fn backoff(
     interval: Duration,
     max_backoff: Duration,
@@ -42,12 +43,15 @@ pub(crate) fn backoff(
         .saturating_mul(2u32.saturating_pow(failures.min(30)))
         .min(ceiling);
     let unit = unit.clamp(0.0, 1.0);
+    let plain = scale(cap, unit).min(cap);
     match retry_after {
-        None => scale(cap, unit).min(cap),
+        None => plain,
         Some(retry_after) => {
             let width = cap.min(ceiling / 2);
             let start = retry_after.min(ceiling.saturating_sub(width));
-            start.saturating_add(scale(width, unit).min(width))
+            // Both grow with the same draw, so this is still spread; and a
+            // short Retry-After never makes the wait shorter than without.
+            plain.max(start.saturating_add(scale(width, unit).min(width)))
         }
     }
 }
@@ -148,6 +152,20 @@ mod tests {
         // A max_backoff under the interval: the interval is the ceiling.
         let (_, _, max) = draws(2_000, |u| backoff(S(20), S(10), 1, Some(S(3600)), u));
         assert!(max <= S(20), "{max:?}");
+    }
+
+    #[test]
+    fn a_short_retry_after_never_shortens_the_backoff() {
+        for failures in 1..10 {
+            for i in 0..=100 {
+                let u = f64::from(i) / 100.0;
+                let plain = backoff(S(2), S(60), failures, None, u);
+                for ra in [Duration::ZERO, S(1), S(5)] {
+                    let told = backoff(S(2), S(60), failures, Some(ra), u);
+                    assert!(told >= plain, "{failures} {u} {ra:?}: {told:?} < {plain:?}");
+                }
+            }
+        }
     }
 
     #[test]
