@@ -2,7 +2,8 @@
 //! Events stream open and trigger an immediate fetch on every event.
 //!
 //! The fetch is the truth; an event's data is only a hint and is not read.
-//! `: comment` lines are heartbeats. On a dropped stream the task reconnects
+//! `: comment` lines and blocks without data (a hub's `event: ping`) are
+//! heartbeats (`source/sse.rs` has the parsing rules). On a dropped stream the task reconnects
 //! with backoff and full jitter, sending `Last-Event-ID`; while the stream is
 //! down the fetch loop polls at `interval`, and while it is up at `resync`.
 //! The task talks only through the nudge and a watch channel that says
@@ -75,7 +76,7 @@ pub(crate) async fn run(
             value.set_sensitive(true);
             headers.insert(header::AUTHORIZATION, value);
         }
-        if let Some(id) = &parser.last_id
+        if let Some(id) = parser.last_id()
             && let Ok(value) = HeaderValue::from_str(id)
         {
             headers.insert("last-event-id", value);
@@ -91,6 +92,7 @@ pub(crate) async fn run(
         let error = match response {
             Ok(Ok(mut resp)) if resp.status().is_success() => {
                 tracing::info!(source = %name, "subscription stream connected");
+                parser.reset();
                 stream_up.send_replace(true);
                 failures = 0;
                 // A (re)connect may have missed events: fetch now.
@@ -124,11 +126,12 @@ pub(crate) async fn run(
             Err(_) => "subscription connect timed out".to_string(),
         };
         failures = failures.saturating_add(1);
+        // The server's `retry:` is a floor, capped like a Retry-After.
         let delay = backoff(
             Duration::from_secs(1).min(settings.interval),
             settings.max_backoff,
             failures,
-            None,
+            parser.retry(),
             draw(),
         );
         tracing::warn!(source = %name, error = %error, retry_in = ?delay, "subscription down; polling meanwhile");
