@@ -119,3 +119,116 @@ async fn no_retry_after_holds_up_a_revocation_past_max_backoff() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------
+// Subscribe mode
+
+/// The name of the user running the tests: the agent writes a file in a
+/// scratch directory for this user, so no root is needed.
+fn me() -> String {
+    nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .expect("current user has a passwd entry")
+}
+
+/// A vast source at `cp` subscribed to its event stream, jitter off; the
+/// user writes a managed block in the env's target.
+fn subscribe_config(
+    env: &TestEnv,
+    cp: &FakeControlPlane,
+    interval: &str,
+    resync: &str,
+    max_backoff: &str,
+) -> String {
+    format!(
+        r#"state_dir = "{state}"
+health_socket = "{socket}"
+
+[sources.account]
+kind = "vast"
+url = "{url}"
+subscribe_url = "{events}"
+api_key_env = "KEYSYNC_TEST_API_KEY"
+interval = "{interval}"
+resync = "{resync}"
+jitter = "0s"
+timeout = "2s"
+max_backoff = "{max_backoff}"
+
+[[users]]
+name = "{user}"
+sources = ["account"]
+write = "block"
+path = "{target}"
+"#,
+        state = env.state_dir().display(),
+        socket = env.socket().display(),
+        target = env.target().display(),
+        url = cp.url(),
+        events = cp.events_url(),
+        user = me(),
+    )
+}
+
+fn event_requests(cp: &FakeControlPlane) -> Vec<RequestRecord> {
+    cp.requests()
+        .into_iter()
+        .filter(|r| r.endpoint == Endpoint::Events)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hub_that_accepts_and_drops_streams_gets_one_try_per_backoff_step() {
+    let cp = FakeControlPlane::start().await;
+    cp.set_token(Some("test-token"));
+    cp.set_keys(gen_ed25519_keys(2));
+    // Every stream is accepted (200, text/event-stream) and ends at once.
+    cp.set_events_fault(
+        Fault::Status {
+            code: 200,
+            body: String::new(),
+            headers: vec![("Content-Type".into(), "text/event-stream".into())],
+        },
+        None,
+    );
+    let cp = std::sync::Arc::new(cp);
+    let cp2 = cp.clone();
+    blocking(move || {
+        let cp = cp2;
+        let env = TestEnv::new();
+        // Reconnects back off from 1 s (doubling, full jitter) up to 5 min.
+        env.write_config(&subscribe_config(&env, &cp, "1s", "60s", "5m"));
+        let agent = env.spawn();
+        assert!(
+            eventually(DEADLINE, || !event_requests(&cp).is_empty()),
+            "the agent never opened the stream; log:\n{}",
+            log_tail(&agent)
+        );
+        let first = event_requests(&cp)[0].at;
+        let window = Duration::from_secs(15);
+        std::thread::sleep(window.saturating_sub(first.elapsed()));
+        let tries: Vec<Duration> = event_requests(&cp)
+            .iter()
+            .map(|r| r.at.duration_since(first))
+            .filter(|at| *at <= window)
+            .collect();
+        eprintln!("stream opened at {tries:?}");
+        // One try per step (waits drawn from [0, 2 s], [0, 4 s], [0, 8 s],
+        // …): about 5 in 15 s, rarely more than 7. Reset after every
+        // accepted stream it would be about one a second.
+        assert!(
+            tries.len() <= 8,
+            "{} stream connections in {window:?}: a storm ({tries:?}); log:\n{}",
+            tries.len(),
+            log_tail(&agent)
+        );
+        assert!(agent_alive(agent));
+    })
+    .await;
+}
+
+fn agent_alive(mut agent: Agent) -> bool {
+    agent.alive()
+}
