@@ -41,7 +41,6 @@ fn wait_block(env: &TestEnv, agent: &Agent, want: &[String], what: &str) {
     );
 }
 
-#[allow(dead_code)]
 fn list_requests(log: &[RequestRecord]) -> Vec<&RequestRecord> {
     log.iter()
         .filter(|r| r.endpoint == Endpoint::List)
@@ -231,4 +230,124 @@ async fn a_hub_that_accepts_and_drops_streams_gets_one_try_per_backoff_step() {
 
 fn agent_alive(mut agent: Agent) -> bool {
     agent.alive()
+}
+
+/// Starts the agent and waits for the first write and an open stream.
+fn start_subscribed(env: &TestEnv, cp: &FakeControlPlane, want: &[String]) -> Agent {
+    let agent = env.spawn();
+    wait_block(env, &agent, want, "first sync");
+    assert!(
+        eventually(DEADLINE, || cp.open_streams() >= 1),
+        "stream not connected; log:\n{}",
+        log_tail(&agent)
+    );
+    agent
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_every_millisecond_is_coalesced_into_few_fetches() {
+    let keys = gen_ed25519_keys(3);
+    let cp = FakeControlPlane::start().await;
+    cp.set_token(Some("test-token"));
+    cp.set_keys(keys.clone());
+    let cp = std::sync::Arc::new(cp);
+    let cp2 = cp.clone();
+    blocking(move || {
+        let cp = cp2;
+        let env = TestEnv::new();
+        // Polls and resyncs are a minute away: every fetch here is an event's.
+        env.write_config(&subscribe_config(&env, &cp, "60s", "60s", "5s"));
+        let mut agent = start_subscribed(&env, &cp, &keys);
+        std::thread::sleep(Duration::from_millis(500));
+        cp.clear_requests();
+
+        // Every change of the list is one event on the stream: one a
+        // millisecond for 10 s, the list flipping between two and three keys.
+        let (two, three) = (keys[..2].to_vec(), keys.clone());
+        let flood = Duration::from_secs(10);
+        let started = Instant::now();
+        let mut events = 0usize;
+        while started.elapsed() < flood {
+            cp.set_keys(if events % 2 == 0 { &two } else { &three }.clone());
+            events += 1;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let last = if events % 2 == 0 { &three } else { &two };
+        // The events of the last moments are served after the flood, too.
+        wait_block(&env, &agent, last, "after the flood");
+        std::thread::sleep(Duration::from_millis(500));
+        let log = cp.requests();
+        let fetches = list_requests(&log).len();
+        let took = started.elapsed();
+        eprintln!("{events} events in {flood:?}: {fetches} list requests in {took:?}");
+        // At least 100 ms between two event-triggered fetches: at most
+        // took / 100 ms of them, plus a few.
+        let bound = (took.as_millis() / 100) as usize + 5;
+        assert!(
+            fetches <= bound,
+            "{fetches} list requests for {events} events in {took:?}, over {bound}: not coalesced"
+        );
+        // And the events are served meanwhile, not only when they stop.
+        assert!(fetches >= 20, "only {fetches} list requests in {took:?}");
+        assert!(agent.alive());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_during_a_retry_after_wait_for_it_to_end() {
+    let keys = gen_ed25519_keys(12);
+    let cp = FakeControlPlane::start().await;
+    cp.set_token(Some("test-token"));
+    cp.set_keys(keys[..2].to_vec());
+    let cp = std::sync::Arc::new(cp);
+    let cp2 = cp.clone();
+    blocking(move || {
+        let cp = cp2;
+        let env = TestEnv::new();
+        // interval 1 s (the backoff's base), max_backoff 5 s: a 429 with
+        // Retry-After: 3 makes the agent wait 3 to 5 s.
+        env.write_config(&subscribe_config(&env, &cp, "1s", "60s", "5s"));
+        let agent = start_subscribed(&env, &cp, &keys[..2]);
+        std::thread::sleep(Duration::from_millis(500));
+        cp.clear_requests();
+        cp.set_fault(Fault::rate_limited(Some(3)), Some(1));
+        // An event: its fetch gets the 429.
+        cp.add_key(&keys[2]);
+        assert!(
+            eventually(DEADLINE, || cp
+                .requests()
+                .iter()
+                .any(|r| r.status == Some(429))),
+            "the event's fetch never came; log:\n{}",
+            log_tail(&agent)
+        );
+        let limited = cp
+            .requests()
+            .iter()
+            .find(|r| r.status == Some(429))
+            .map(|r| r.at)
+            .expect("the 429");
+        // More events while the Retry-After runs: none may cause a fetch.
+        for key in &keys[3..] {
+            std::thread::sleep(Duration::from_millis(250));
+            cp.add_key(key);
+        }
+        wait_block(&env, &agent, &keys, "after the Retry-After");
+        let log = cp.requests();
+        let after: Vec<Duration> = list_requests(&log)
+            .iter()
+            .filter(|r| r.at > limited)
+            .map(|r| r.at.duration_since(limited))
+            .collect();
+        eprintln!("list requests after the 429, at {after:?}");
+        assert!(
+            after
+                .first()
+                .is_some_and(|d| *d >= Duration::from_millis(2900)),
+            "a fetch during the 3 s Retry-After: {after:?}; log:\n{}",
+            log_tail(&agent)
+        );
+    })
+    .await;
 }

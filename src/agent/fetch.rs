@@ -2,6 +2,10 @@
 //! then every `interval` ± `jitter` (every `resync` while a subscription
 //! stream is up), sooner when nudged (a stream event, a key file change, a
 //! mass-removal confirmation), and with full-jitter backoff after failures.
+//! Nudges are coalesced: at most one fetch in flight and one more after it
+//! for all nudges that came meanwhile, at least 100 ms between the start of
+//! one fetch and a nudged one, and none while a backoff or a `Retry-After`
+//! runs (the nudge is served when it ends).
 //!
 //! It touches no shared state: each fetch becomes a [`Report`] sent to the
 //! writer, and so does each change of the subscription stream's state.
@@ -19,6 +23,11 @@ use crate::source::{self, Answer, KeySource, SourceError};
 
 /// How many rejected entries of one answer are logged one by one.
 const LOGGED_REJECTIONS: usize = 10;
+
+/// The least time from the start of one fetch to a fetch a nudge asks for
+/// (DESIGN.md §5, "Subscribe"): a flood of events costs at most ten
+/// fetches a second.
+const NUDGE_GAP: Duration = Duration::from_millis(100);
 
 /// Fetches once and validates the answer with the key policy.
 pub(crate) async fn fetch(name: &str, source: &mut dyn KeySource, policy: &Policy) -> FetchReport {
@@ -109,11 +118,29 @@ pub(crate) async fn source_loop(
     };
     // The first fetch after start is immediate.
     let mut next = tokio::time::Instant::now();
+    // Nudges are coalesced: one waiting is as good as many. It is served
+    // `NUDGE_GAP` after the last fetch started, but while a backoff or a
+    // Retry-After runs (failures > 0) only when that ends, at `next`. The
+    // loop runs one fetch at a time, so at most one is in flight and the
+    // nudges that came during it make one more.
+    let mut nudged = false;
+    let mut last_fetch: Option<tokio::time::Instant> = None;
     loop {
+        let wake = if nudged && failures == 0 {
+            let earliest = last_fetch.map_or_else(tokio::time::Instant::now, |at| {
+                at.checked_add(NUDGE_GAP).unwrap_or(at)
+            });
+            next.min(earliest)
+        } else {
+            next
+        };
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep_until(next) => {}
-            Some(()) = nudge.recv() => {}
+            _ = tokio::time::sleep_until(wake) => {}
+            Some(()) = nudge.recv() => {
+                nudged = true;
+                continue;
+            }
             // Errs (and is skipped) when there is no subscription.
             Ok(()) = stream.changed() => {
                 let connected = *stream.borrow_and_update();
@@ -150,6 +177,8 @@ pub(crate) async fn source_loop(
             }
         }
         let Some(src) = source.as_mut() else { continue };
+        nudged = false;
+        last_fetch = Some(tokio::time::Instant::now());
         let report = tokio::select! {
             _ = cancel.cancelled() => return,
             report = fetch(&name, src.as_mut(), &policy) => report,

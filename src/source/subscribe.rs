@@ -3,7 +3,8 @@
 //!
 //! The fetch is the truth; an event's data is only a hint and is not read.
 //! `: comment` lines and blocks without data (a hub's `event: ping`) are
-//! heartbeats (`source/sse.rs` has the parsing rules).
+//! heartbeats (`source/sse.rs` has the parsing rules). The fetch loop
+//! coalesces the nudges (`agent/fetch.rs`).
 //!
 //! On a dropped stream the task reconnects with backoff and full jitter,
 //! sending `Last-Event-ID`. The backoff resets only after a stream stayed
