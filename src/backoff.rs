@@ -67,6 +67,19 @@ pub(crate) fn jittered(base: Duration, jitter: Duration, unit: f64) -> Duration 
         .max(base / 10)
 }
 
+/// The next poll after an answer: `poll` (the jittered interval, or
+/// resync), but no sooner than the answer's `Cache-Control: max-age`, which
+/// counts only up to `max_backoff` (DESIGN.md §5): a cache in front of the
+/// list serves the same answer until then, and no max-age, however long,
+/// holds up a revocation for longer than a failure could.
+pub(crate) fn poll_after(
+    poll: Duration,
+    max_age: Option<Duration>,
+    max_backoff: Duration,
+) -> Duration {
+    max_age.map_or(poll, |age| poll.max(age.min(max_backoff)))
+}
+
 /// `d · factor`, saturating: `Duration::mul_f64` panics on overflow.
 fn scale(d: Duration, factor: f64) -> Duration {
     Duration::try_from_secs_f64(d.as_secs_f64() * factor).unwrap_or(Duration::MAX)
@@ -178,6 +191,17 @@ mod tests {
         let (min, _, _) = draws(20_000, |u| jittered(S(1), S(1), u));
         assert!(min >= Duration::from_millis(100), "{min:?}");
         assert_eq!(jittered(S(1), S(1), 0.0), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn max_age_spaces_polls_up_to_max_backoff() {
+        assert_eq!(poll_after(S(60), None, S(300)), S(60));
+        assert_eq!(poll_after(S(60), Some(S(10)), S(300)), S(60));
+        assert_eq!(poll_after(S(60), Some(S(120)), S(300)), S(120));
+        assert_eq!(poll_after(S(60), Some(S(3600)), S(300)), S(300));
+        assert_eq!(poll_after(S(60), Some(Duration::MAX), S(300)), S(300));
+        // resync beyond max_backoff stays resync: max-age only lengthens.
+        assert_eq!(poll_after(S(600), Some(S(3600)), S(300)), S(600));
     }
 
     #[test]

@@ -119,6 +119,86 @@ async fn no_retry_after_holds_up_a_revocation_past_max_backoff() {
     .await;
 }
 
+/// A polling vast source at `url`, jitter off, with this `max_backoff`.
+fn poll_config(env: &TestEnv, url: &str, interval: &str, max_backoff: &str) -> String {
+    env.config_with(url, interval, "2s", "", "").replace(
+        "max_backoff = \"1s\"",
+        &format!("max_backoff = \"{max_backoff}\""),
+    )
+}
+
+/// The list requests the fake saw in the `window` after the first one.
+fn polls_within(cp: &FakeControlPlane, window: Duration) -> Vec<Duration> {
+    let log = cp.requests();
+    let list = list_requests(&log);
+    let Some(first) = list.first().map(|r| r.at) else {
+        return Vec::new();
+    };
+    list.iter()
+        .map(|r| r.at.duration_since(first))
+        .filter(|at| *at <= window)
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// 5. Cache-Control: max-age spaces the polls, up to max_backoff
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cache_control_max_age_spaces_the_polls_up_to_max_backoff() {
+    let keys = gen_ed25519_keys(3);
+    let cp = FakeControlPlane::start().await;
+    cp.set_token(Some("test-token"));
+    cp.set_keys(keys[..2].to_vec());
+    let cp = std::sync::Arc::new(cp);
+    let cp2 = cp.clone();
+    blocking(move || {
+        let cp = cp2;
+        // A 200 ms interval, but the answers say they stay fresh for 3 s.
+        cp.set_extra_headers(vec![("Cache-Control".into(), "public, max-age=3".into())]);
+        let env = TestEnv::new();
+        env.write_config(&poll_config(&env, &cp.url(), "200ms", "10s"));
+        let agent = env.spawn();
+        wait_block(&env, &agent, &keys[..2], "first sync");
+        cp.clear_requests();
+        let window = Duration::from_millis(6500);
+        std::thread::sleep(window + Duration::from_millis(200));
+        let polls = polls_within(&cp, window);
+        eprintln!("max-age=3, interval 200 ms: polls at {polls:?}");
+        assert!(
+            (1..=3).contains(&polls.len()),
+            "{} polls in {window:?} although every answer said max-age=3: {polls:?}",
+            polls.len()
+        );
+        assert!(
+            polls
+                .windows(2)
+                .all(|w| w[1] - w[0] >= Duration::from_millis(2900)),
+            "a poll sooner than max-age: {polls:?}"
+        );
+        drop(agent);
+
+        // max-age beyond max_backoff (1 s): polls come every second anyway,
+        // and a deleted key goes within seconds.
+        cp.set_extra_headers(vec![("Cache-Control".into(), "max-age=3600".into())]);
+        let env = TestEnv::new();
+        env.write_config(&poll_config(&env, &cp.url(), "200ms", "1s"));
+        let agent = env.spawn();
+        wait_block(&env, &agent, &keys[..2], "first sync");
+        cp.clear_requests();
+        let window = Duration::from_millis(4500);
+        std::thread::sleep(window + Duration::from_millis(200));
+        let polls = polls_within(&cp, window);
+        eprintln!("max-age=3600, max_backoff 1 s: polls at {polls:?}");
+        assert!(
+            (3..=6).contains(&polls.len()),
+            "polls at {polls:?}: max-age=3600 must count only up to max_backoff (1 s)"
+        );
+        cp.remove_key(&keys[0]);
+        wait_block(&env, &agent, &keys[1..2], "removal under max-age=3600");
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------
 // Subscribe mode
 

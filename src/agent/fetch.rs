@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::report::{FailureKind, FetchReport, Fetched, Report};
-use crate::backoff::{backoff, draw, jittered};
+use crate::backoff::{backoff, draw, jittered, poll_after};
 use crate::config::SourceSettings;
 use crate::keys::{self, Policy};
 use crate::source::{self, Answer, KeySource, SourceError};
@@ -208,7 +208,13 @@ pub(crate) async fn source_loop(
                 } else {
                     settings.interval
                 };
-                jittered(base, settings.jitter, draw())
+                let poll = jittered(base, settings.jitter, draw());
+                let max_age = src.max_age();
+                let delay = poll_after(poll, max_age, settings.max_backoff);
+                if delay > poll {
+                    tracing::debug!(source = %name, max_age = ?max_age, next_poll_in = ?delay, "the answer says it stays fresh (Cache-Control: max-age); next poll in {delay:?}");
+                }
+                delay
             }
         };
         next = after(delay);

@@ -185,6 +185,36 @@ pub fn parse_retry_after(value: &[u8], now: SystemTime) -> Option<Duration> {
     Some(when.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
+/// `max-age` of the `Cache-Control` headers, read defensively (RFC 9111
+/// §5.2): the first `max-age` directive whose value is delta-seconds
+/// (quoted or not); a number too large saturates. `s-maxage` is for shared
+/// caches, and `no-cache` or `no-store` only ask a cache to revalidate,
+/// which every conditional poll does: both are ignored.
+pub fn max_age(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| std::str::from_utf8(v.as_bytes()).ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|directive| {
+            let (name, value) = directive.split_once('=')?;
+            if !name.trim().eq_ignore_ascii_case("max-age") {
+                return None;
+            }
+            let value = value.trim();
+            let value = value
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(value);
+            (!value.is_empty() && value.bytes().all(|b| b.is_ascii_digit())).then(|| {
+                value
+                    .parse::<u64>()
+                    .map_or(Duration::MAX, Duration::from_secs)
+            })
+        })
+        .next()
+}
+
 /// The strong or weak ETag of a response, if any.
 pub fn etag(headers: &HeaderMap) -> Option<String> {
     headers
@@ -237,6 +267,7 @@ pub struct HttpSource {
     url: Url,
     etag: Option<String>,
     max_body: u64,
+    max_age: Option<Duration>,
 }
 
 impl HttpSource {
@@ -250,6 +281,7 @@ impl HttpSource {
             url: parse_url(url)?,
             etag,
             max_body: settings.max_body,
+            max_age: None,
         })
     }
 
@@ -264,6 +296,7 @@ impl HttpSource {
             self.max_body,
         )
         .await?;
+        self.max_age = max_age(&response.headers);
         if let Some(err) = classify(&response) {
             return Err(err);
         }
@@ -289,6 +322,10 @@ impl KeySource for HttpSource {
     fn fetch(&mut self) -> FetchFuture<'_> {
         Box::pin(self.fetch_once())
     }
+
+    fn max_age(&self) -> Option<Duration> {
+        self.max_age
+    }
 }
 
 #[cfg(test)]
@@ -309,6 +346,43 @@ mod tests {
         );
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn max_age_of_any_shape_is_never_a_crash() {
+        let of = |values: &[&[u8]]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::CACHE_CONTROL, HeaderValue::from_bytes(v).unwrap());
+            }
+            max_age(&h)
+        };
+        let s = Duration::from_secs;
+        assert_eq!(of(&[]), None);
+        assert_eq!(of(&[b"max-age=30"]), Some(s(30)));
+        assert_eq!(
+            of(&[b"public, Max-Age = 30 , must-revalidate"]),
+            Some(s(30))
+        );
+        assert_eq!(of(&[b"max-age=\"7\""]), Some(s(7)));
+        assert_eq!(of(&[b"no-cache", b"max-age=5"]), Some(s(5)));
+        assert_eq!(of(&[b"s-maxage=60"]), None);
+        assert_eq!(
+            of(&[b"max-age=99999999999999999999999"]),
+            Some(Duration::MAX)
+        );
+        for bad in [
+            &b"max-age=-1"[..],
+            b"max-age=",
+            b"max-age=1.5",
+            b"max-age",
+            b"\xffmax-age=3",
+            b"max-age=3s",
+        ] {
+            assert_eq!(of(&[bad]), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+        // The first usable one counts.
+        assert_eq!(of(&[b"max-age=x, max-age=4, max-age=9"]), Some(s(4)));
     }
 
     #[test]
