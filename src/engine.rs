@@ -121,6 +121,14 @@ impl Engine {
         }
     }
 
+    /// Drops every source's ETag (the key policy changed): the next fetch
+    /// is unconditional. The keys stay until it answers.
+    pub(crate) fn forget_etags(&mut self) {
+        for good in self.sources.values_mut().filter_map(|s| s.good.as_mut()) {
+            good.etag = None;
+        }
+    }
+
     pub(crate) fn last_good(&self, source: &str) -> Option<&LastGood> {
         self.sources.get(source).and_then(|s| s.good.as_ref())
     }

@@ -200,6 +200,115 @@ async fn cache_control_max_age_spaces_the_polls_up_to_max_backoff() {
 }
 
 // ---------------------------------------------------------------------------
+// 6. A change of policy drops the remembered ETag
+
+/// Public keys made with `ssh-keygen` (the private halves were discarded).
+const ECDSA_KEY: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBCoQVVxTqGrXi2qc7HYJUXCOARifg9au3HQN8+LC68iLUp5FCIp/3fJ5g9VkVWRygvypgUaTRGLsTMMQtAb19bk= ecdsa@fleet";
+const RSA_1024_KEY: &str = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQDPTBEQ+8GwRvWv261LP4dfjIJJgxled8LMOWQpcEdBYBflFbRargAxUUyBb6gTvbH4rXXU5nvZ+j05p0/eAmejFe2s6VdsziT2Tn0BJQpiodjbYVw5MoE/iuLZRgpeM02eSlaGxxvMO93KTtLwgm+I29/gyZHOmvyidd6nX5p6lQ== rsa1024@fleet";
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+/// Waits until the block holds `want` in any order.
+fn wait_keys(env: &TestEnv, agent: &Agent, want: &[&str], what: &str) {
+    let want = sorted(want.iter().map(|k| k.to_string()).collect());
+    assert!(
+        eventually(DEADLINE, || sorted(keys_now(env)) == want),
+        "{what}: the block never became {want:#?}\nfile: {:?}\nagent log:\n{}",
+        env.read_target(),
+        log_tail(agent)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_loosened_policy_brings_in_keys_of_an_unchanged_list() {
+    let alice = gen_ed25519_keys(1).remove(0);
+    let cp = FakeControlPlane::start().await;
+    cp.set_token(Some("test-token"));
+    cp.set_keys([alice.as_str(), ECDSA_KEY, RSA_1024_KEY]);
+    let cp = std::sync::Arc::new(cp);
+    let cp2 = cp.clone();
+    blocking(move || {
+        let cp = cp2;
+        let env = TestEnv::new();
+        let config = |algorithms: &str, rsa_bits: u32| {
+            env.config_for(
+                &cp.url(),
+                "",
+                &format!("allowed_algorithms = [{algorithms}]\nmin_rsa_bits = {rsa_bits}\n"),
+            )
+        };
+        let ed_rsa = "\"ssh-ed25519\", \"ssh-rsa\"";
+        let ed_rsa_ecdsa = "\"ssh-ed25519\", \"ssh-rsa\", \"ecdsa-sha2-nistp256\"";
+        env.write_config(&config(ed_rsa, 2048));
+        let agent = env.spawn();
+        wait_keys(&env, &agent, &[&alice], "first sync: ed25519 only");
+        // The list does not change from here on: polls get 304.
+        assert!(
+            eventually(DEADLINE, || cp.stats().not_modified >= 2),
+            "no conditional polls; log:\n{}",
+            log_tail(&agent)
+        );
+
+        // A reload allows ECDSA: the list is the same, the key arrives.
+        cp.clear_requests();
+        env.write_config(&config(ed_rsa_ecdsa, 2048));
+        agent.signal(nix::sys::signal::Signal::SIGHUP);
+        wait_keys(
+            &env,
+            &agent,
+            &[&alice, ECDSA_KEY],
+            "after the reload allowed ECDSA",
+        );
+        let log = cp.requests();
+        let full = list_requests(&log)
+            .into_iter()
+            .find(|r| r.status == Some(200))
+            .expect("a whole list after the reload");
+        assert!(
+            !full.sent_if_none_match(),
+            "the old ETag was sent after the policy changed"
+        );
+        drop(agent);
+
+        // A restart with 1024-bit RSA allowed: the persisted ETag is
+        // dropped too, and the RSA key arrives.
+        cp.clear_requests();
+        env.write_config(&config(ed_rsa_ecdsa, 1024));
+        let agent = env.spawn();
+        wait_keys(
+            &env,
+            &agent,
+            &[&alice, ECDSA_KEY, RSA_1024_KEY],
+            "after a restart that allowed 1024-bit RSA",
+        );
+        let log = cp.requests();
+        assert!(
+            !list_requests(&log)[0].sent_if_none_match(),
+            "the first fetch after a restart with another policy sent the old ETag"
+        );
+        drop(agent);
+
+        // The same policy again: the ETag is kept (no whole list needed).
+        cp.clear_requests();
+        let agent = env.spawn();
+        assert!(
+            eventually(DEADLINE, || !cp.requests().is_empty()),
+            "no fetch after the restart"
+        );
+        let first = cp.requests()[0].clone();
+        assert!(
+            first.sent_if_none_match() && first.status == Some(304),
+            "a restart with the same policy must keep the ETag: {first:?}"
+        );
+        drop(agent);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
 // Subscribe mode
 
 /// The name of the user running the tests: the agent writes a file in a
