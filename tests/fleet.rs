@@ -309,6 +309,146 @@ async fn a_loosened_policy_brings_in_keys_of_an_unchanged_list() {
 }
 
 // ---------------------------------------------------------------------------
+// 7. Loopback never goes through a proxy
+
+/// A proxy that records every connection and what it was asked, and
+/// answers 502: an agent that used it would get no keys.
+struct FakeProxy {
+    addr: std::net::SocketAddr,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FakeProxy {
+    fn start() -> FakeProxy {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let seen: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut stream) = conn else { continue };
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                    let mut head = String::new();
+                    if let Ok(clone) = stream.try_clone() {
+                        let mut reader = BufReader::new(clone);
+                        let mut line = String::new();
+                        while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                            head.push_str(&line);
+                            line.clear();
+                        }
+                    }
+                    log.lock().expect("proxy log").push(head);
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                });
+            }
+        });
+        FakeProxy { addr, seen }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().expect("proxy log").clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn loopback_never_goes_through_a_proxy() {
+    let keys = gen_ed25519_keys(3);
+    let cp = FakeControlPlane::start().await;
+    cp.set_token(Some("test-token"));
+    cp.set_keys(keys[..2].to_vec());
+    let cp = std::sync::Arc::new(cp);
+    let cp2 = cp.clone();
+    blocking(move || {
+        let cp = cp2;
+        let proxy = FakeProxy::start();
+        let port = cp.addr().port();
+        for host in ["127.0.0.1", "localhost"] {
+            let env = TestEnv::new();
+            let config = subscribe_config(&env, &cp, "200ms", "60s", "1s")
+                .replace(&format!("127.0.0.1:{port}"), &format!("{host}:{port}"));
+            assert!(config.contains(&format!("http://{host}:{port}/api/v0/ssh/events")));
+            env.write_config(&config);
+            let streams_before = cp.stats().streams_opened;
+            let agent = env.spawn_with(|cmd| {
+                cmd.env_remove("NO_PROXY").env_remove("no_proxy");
+                for var in [
+                    "HTTP_PROXY",
+                    "HTTPS_PROXY",
+                    "ALL_PROXY",
+                    "http_proxy",
+                    "https_proxy",
+                    "all_proxy",
+                ] {
+                    cmd.env(var, proxy.url());
+                }
+            });
+            let want = if host == "localhost" {
+                &keys[..3]
+            } else {
+                &keys[..2]
+            };
+            wait_block(
+                &env,
+                &agent,
+                want,
+                &format!("through {host} with a proxy set"),
+            );
+            assert!(
+                eventually(DEADLINE, || cp.stats().streams_opened > streams_before),
+                "the stream at {host} never opened; log:\n{}",
+                log_tail(&agent)
+            );
+            // An event on the stream, through the same client rules.
+            if host == "127.0.0.1" {
+                cp.add_key(&keys[2]);
+                wait_block(&env, &agent, &keys, "after an event");
+            }
+            assert!(
+                proxy.seen().is_empty(),
+                "requests to {host} went to the proxy, with the API key: {:?}",
+                proxy.seen()
+            );
+            drop(agent);
+        }
+
+        // Anything else still honours the proxy variables: an https URL
+        // is tunnelled (CONNECT), and the API key only travels inside TLS.
+        let env = TestEnv::new();
+        env.write_config(&env.config_for("https://keys.example.invalid/api/v0/ssh/", "", ""));
+        let agent = env.spawn_with(|cmd| {
+            cmd.env_remove("NO_PROXY").env_remove("no_proxy");
+            cmd.env("HTTPS_PROXY", proxy.url());
+        });
+        assert!(
+            eventually(DEADLINE, || !proxy.seen().is_empty()),
+            "an https source ignored HTTPS_PROXY; log:\n{}",
+            log_tail(&agent)
+        );
+        let seen = proxy.seen();
+        assert!(
+            seen[0].starts_with("CONNECT keys.example.invalid:443 "),
+            "{seen:?}"
+        );
+        assert!(
+            !seen[0]
+                .to_ascii_lowercase()
+                .contains("authorization: bearer"),
+            "{seen:?}"
+        );
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
 // Subscribe mode
 
 /// The name of the user running the tests: the agent writes a file in a

@@ -44,9 +44,14 @@ fn system_roots_present() -> bool {
             .any(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.len() > 0))
 }
 
-/// Builds the client for one source. Redirects are followed only within the
-/// same origin (at most 5), so credentials never reach another host.
-pub fn client(settings: &SourceSettings) -> Result<Client, SourceError> {
+/// Builds the client for one source's requests to `target`. Redirects are
+/// followed only within the same origin (at most 5), so credentials never
+/// reach another host. The standard proxy variables (`HTTPS_PROXY`,
+/// `NO_PROXY`, …) are honoured, except for a loopback target: that never
+/// goes through a proxy (DESIGN.md §5), since a plain `http://` request
+/// carries the API key in the clear and a same-origin redirect cannot
+/// leave loopback.
+pub fn client(settings: &SourceSettings, target: &Url) -> Result<Client, SourceError> {
     let system_roots = system_roots_present();
     let mut builder = Client::builder()
         .use_rustls_tls()
@@ -65,6 +70,9 @@ pub fn client(settings: &SourceSettings) -> Result<Client, SourceError> {
                 attempt.follow()
             }
         }));
+    if crate::config::is_loopback_host(target) {
+        builder = builder.no_proxy();
+    }
     if let Some(ca) = &settings.ca_file {
         let pem = std::fs::read(ca).map_err(|e| SourceError::Rejected {
             what: format!("cannot read ca_file {}", ca.display()),
@@ -276,9 +284,10 @@ impl HttpSource {
         url: &str,
         etag: Option<String>,
     ) -> Result<Self, SourceError> {
+        let url = parse_url(url)?;
         Ok(HttpSource {
-            client: client(settings)?,
-            url: parse_url(url)?,
+            client: client(settings, &url)?,
+            url,
             etag,
             max_body: settings.max_body,
             max_age: None,

@@ -47,19 +47,24 @@ pub(crate) async fn run(
         return;
     };
     let name = settings.name.clone();
-    let client = match super::http::client(&SourceSettings {
-        // The stream stays open: only connecting is bounded by the timeout.
-        timeout: Duration::from_secs(365 * 24 * 3600),
-        ..settings.clone()
-    }) {
+    // Validated at config load; a URL that does not parse is no stream.
+    let Ok(url) = reqwest::Url::parse(&sub_url) else {
+        tracing::error!(source = %name, "subscribe_url is not a URL; polling only");
+        return;
+    };
+    let client = match super::http::client(
+        &SourceSettings {
+            // The stream stays open: only connecting is bounded by the timeout.
+            timeout: Duration::from_secs(365 * 24 * 3600),
+            ..settings.clone()
+        },
+        &url,
+    ) {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(source = %name, error = %e.chain(), "cannot set up the subscription");
+            tracing::error!(source = %name, error = %e.chain(), "cannot set up the subscription ({}); polling only", e.chain());
             return;
         }
-    };
-    let Ok(url) = reqwest::Url::parse(&sub_url) else {
-        return;
     };
     let silence = settings.resync.max(SILENCE_FLOOR);
     let mut parser = SseParser::default();

@@ -39,9 +39,10 @@ impl VastSource {
         api_key: ApiKeySource,
         etag: Option<String>,
     ) -> Result<Self, SourceError> {
+        let url = parse_url(url)?;
         Ok(VastSource {
-            client: client(settings)?,
-            url: parse_url(url)?,
+            client: client(settings, &url)?,
+            url,
             api_key,
             etag,
             max_body: settings.max_body,
