@@ -282,6 +282,8 @@ mod tests {
             files: vec![],
             state_dir: PathBuf::from("/tmp"),
             health_socket: PathBuf::from("/tmp/s"),
+            metrics_textfile: None,
+            metrics_listen: None,
             sources: [
                 ("a".to_string(), source("a")),
                 ("b".to_string(), source("b")),

@@ -135,7 +135,7 @@ pub(crate) fn router(shared: Board) -> Router {
 
 /// OpenMetrics for a scraper that asks for it (Prometheus does), the classic
 /// Prometheus text format otherwise.
-fn metrics(shared: &Board, headers: &HeaderMap) -> Response {
+pub(crate) fn metrics(shared: &Board, headers: &HeaderMap) -> Response {
     let openmetrics = headers
         .get_all(header::ACCEPT)
         .iter()

@@ -210,3 +210,332 @@ async fn idle_connections_stall_neither_the_sync_nor_healthz() {
     );
     drop(held);
 }
+
+// ---------------------------------------------------------------------------
+// The metrics for Prometheus: metrics_textfile and metrics_listen
+
+/// A port free on 127.0.0.1 right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A plain HTTP/1.1 request to 127.0.0.1:`port`: (status code, headers, body).
+fn http(port: u16, method: &str, path: &str) -> Option<(u16, String, String)> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    let code = head.split(' ').nth(1)?.parse().ok()?;
+    Some((code, head.to_string(), body.to_string()))
+}
+
+/// The value of the sample `series` (name and labels exactly as written).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Checks the text format 0.0.4 line by line: comments are HELP or TYPE,
+/// every sample is `name{labels} value` with a known family.
+fn assert_prometheus_text(text: &str, what: &str) {
+    let mut families = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut parts = rest.splitn(3, ' ');
+            let kind = parts.next().unwrap_or_default();
+            assert!(
+                kind == "HELP" || kind == "TYPE",
+                "{what}: odd comment {line:?}"
+            );
+            if kind == "TYPE" {
+                families.push(parts.next().unwrap_or_default().to_string());
+            }
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("{what}: {line:?}"));
+        assert!(
+            value.parse::<f64>().is_ok(),
+            "{what}: bad value in {line:?}"
+        );
+        let name = series.split('{').next().unwrap_or_default();
+        assert!(
+            families.iter().any(|f| name == f
+                || ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|s| name.strip_suffix(s) == Some(f))),
+            "{what}: sample {name} of no declared family"
+        );
+    }
+    for family in [
+        "keysync_fetch_total",
+        "keysync_last_success_timestamp_seconds",
+        "keysync_keys",
+        "keysync_writes_total",
+        "keysync_drift_repairs_total",
+        "keysync_fetch_duration_seconds",
+    ] {
+        assert!(
+            families.iter().any(|f| f == family),
+            "{what}: no {family}:\n{text}"
+        );
+    }
+}
+
+/// An agent with both exporters on, synced with 3 keys.
+struct Exporting {
+    env: TestEnv,
+    agent: Agent,
+    textfile: std::path::PathBuf,
+    port: u16,
+}
+
+fn start_exporting(cp: &FakeControlPlane, keys: &[String]) -> Exporting {
+    let env = TestEnv::new();
+    let dir = env.path().join("textfile-collector");
+    std::fs::create_dir(&dir).expect("collector dir");
+    let textfile = dir.join("keysync.prom");
+    let port = free_port();
+    env.write_config(&format!(
+        "metrics_textfile = \"{}\"\nmetrics_listen = \"127.0.0.1:{port}\"\n{}",
+        textfile.display(),
+        env.config_for(&cp.url(), "", "")
+    ));
+    let agent = env.spawn();
+    assert!(
+        eventually(DEADLINE, || keys_now(&env) == keys),
+        "no first sync; log:\n{}",
+        log_tail(&agent)
+    );
+    Exporting {
+        env,
+        agent,
+        textfile,
+        port,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_textfile_and_metrics_listen_carry_the_metrics() {
+    let keys = gen_ed25519_keys(3);
+    let cp = FakeControlPlane::start().await;
+    cp.set_token(Some("test-token"));
+    cp.set_keys(keys.clone());
+    let cp = std::sync::Arc::new(cp);
+    let cp2 = cp.clone();
+    blocking(move || {
+        let cp = cp2;
+        let x = start_exporting(&cp, &keys);
+        let keys_of_root = "keysync_keys{user=\"root\"}";
+
+        // The textfile appears, parses, and follows a change.
+        assert!(
+            eventually(DEADLINE, || std::fs::read_to_string(&x.textfile)
+                .is_ok_and(|t| sample(&t, keys_of_root) == Some(3.0))),
+            "no textfile with 3 keys for root; log:\n{}",
+            log_tail(&x.agent)
+        );
+        let text = std::fs::read_to_string(&x.textfile).expect("textfile");
+        assert_prometheus_text(&text, "metrics_textfile");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&x.textfile)
+            .expect("textfile")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644, "node_exporter must be able to read it");
+        cp.remove_key(&keys[0]);
+        assert!(
+            eventually(DEADLINE, || std::fs::read_to_string(&x.textfile)
+                .is_ok_and(|t| sample(&t, keys_of_root) == Some(2.0))),
+            "the textfile did not follow the removal; log:\n{}",
+            log_tail(&x.agent)
+        );
+        let dir = x.textfile.parent().expect("dir");
+        let names: Vec<String> = std::fs::read_dir(dir)
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            ["keysync.prom"],
+            "temporary files left beside the textfile"
+        );
+
+        // metrics_listen: /metrics, and 404 for everything else.
+        let (code, head, body) = http(x.port, "GET", "/metrics").expect("metrics_listen answers");
+        assert_eq!(code, 200, "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: text/plain; version=0.0.4"),
+            "{head}"
+        );
+        assert_prometheus_text(&body, "metrics_listen");
+        assert_eq!(sample(&body, keys_of_root), Some(2.0));
+        for (method, path) in [
+            ("GET", "/"),
+            ("GET", "/healthz"),
+            ("GET", "/status"),
+            ("GET", "/metrics/x"),
+            ("POST", "/metrics"),
+            ("POST", "/refresh"),
+        ] {
+            let (code, head, _) = http(x.port, method, path).expect("an answer");
+            assert_eq!(code, 404, "{method} {path}: {head}");
+        }
+        // The health socket still serves the same metrics.
+        let (status, answer) = health_get(&x.env.socket(), "/metrics").expect("health socket");
+        assert!(status.contains(" 200 "), "{status}");
+        assert_eq!(sample(&answer, keys_of_root), Some(2.0));
+    })
+    .await;
+}
+
+/// The path of a tool from Debian's `prometheus` or
+/// `prometheus-node-exporter` package, or None (said loudly). Under CI as
+/// root, where .ci/run installs them, a missing tool fails the test.
+fn tool(name: &str, package: &str, test: &str) -> Option<std::path::PathBuf> {
+    let path = ["/usr/bin", "/usr/local/bin", "/usr/sbin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file());
+    if path.is_none() {
+        assert!(
+            !(support::agent::is_root() && std::env::var_os("CI").is_some()),
+            "{test} needs {name}: apt-get install -y {package} (CI installs it)"
+        );
+        eprintln!(
+            "\n!!!!! {test}: SKIPPED, {name} is missing (apt-get install -y {package}) !!!!!\n"
+        );
+    }
+    path
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn promtool_accepts_every_form_of_the_metrics() {
+    let Some(promtool) = tool(
+        "promtool",
+        "prometheus",
+        "promtool_accepts_every_form_of_the_metrics",
+    ) else {
+        return;
+    };
+    let keys = gen_ed25519_keys(3);
+    let cp = FakeControlPlane::start().await;
+    cp.set_token(Some("test-token"));
+    cp.set_keys(keys.clone());
+    let cp = std::sync::Arc::new(cp);
+    let cp2 = cp.clone();
+    blocking(move || {
+        let cp = cp2;
+        let x = start_exporting(&cp, &keys);
+        assert!(
+            eventually(DEADLINE, || x.textfile.exists()),
+            "no textfile; log:\n{}",
+            log_tail(&x.agent)
+        );
+        let (_, socket_answer) = health_get(&x.env.socket(), "/metrics").expect("health socket");
+        let socket_text = socket_answer
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .expect("body");
+        let (_, _, listen_text) = http(x.port, "GET", "/metrics").expect("metrics_listen");
+        let textfile_text = std::fs::read_to_string(&x.textfile).expect("textfile");
+        for (what, text) in [
+            ("/metrics on the health socket", socket_text),
+            ("metrics_listen", listen_text),
+            ("metrics_textfile", textfile_text),
+        ] {
+            let mut child = std::process::Command::new(&promtool)
+                .args(["check", "metrics"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("run promtool");
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(text.as_bytes())
+                .expect("feed promtool");
+            let out = child.wait_with_output().expect("promtool");
+            assert!(
+                out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+                "promtool check metrics rejects {what}: {}{}\n{text}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_exporter_serves_the_textfile() {
+    let Some(node_exporter) = tool(
+        "prometheus-node-exporter",
+        "prometheus-node-exporter",
+        "node_exporter_serves_the_textfile",
+    ) else {
+        return;
+    };
+    let keys = gen_ed25519_keys(3);
+    let cp = FakeControlPlane::start().await;
+    cp.set_token(Some("test-token"));
+    cp.set_keys(keys.clone());
+    let cp = std::sync::Arc::new(cp);
+    let cp2 = cp.clone();
+    blocking(move || {
+        let cp = cp2;
+        let x = start_exporting(&cp, &keys);
+        let dir = x.textfile.parent().expect("dir").to_path_buf();
+        let port = free_port();
+        let log = std::fs::File::create(x.env.path().join("node_exporter.log")).expect("log");
+        let mut exporter = std::process::Command::new(&node_exporter)
+            .arg("--collector.disable-defaults")
+            .arg("--collector.textfile")
+            .arg(format!("--collector.textfile.directory={}", dir.display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start node_exporter");
+        let mut scraped = String::new();
+        let seen = eventually(DEADLINE, || {
+            scraped = http(port, "GET", "/metrics").map(|(_, _, b)| b).unwrap_or_default();
+            sample(&scraped, "keysync_keys{user=\"root\"}") == Some(3.0)
+        });
+        let _ = exporter.kill();
+        let _ = exporter.wait();
+        let exporter_log =
+            std::fs::read_to_string(x.env.path().join("node_exporter.log")).unwrap_or_default();
+        assert!(
+            seen,
+            "node_exporter does not show keysync's metrics:\n{scraped}\nnode_exporter log:\n{exporter_log}"
+        );
+        assert_eq!(
+            sample(&scraped, "node_textfile_scrape_error"),
+            Some(0.0),
+            "node_exporter could not read the textfile:\n{exporter_log}"
+        );
+        for series in [
+            "keysync_fetch_total{result=\"ok\",source=\"account\"}",
+            "keysync_writes_total{user=\"root\"}",
+            "keysync_fetch_duration_seconds_count{source=\"account\"}",
+        ] {
+            assert!(sample(&scraped, series).is_some(), "no {series} in:\n{scraped}");
+        }
+    })
+    .await;
+}

@@ -60,6 +60,7 @@ async fn start(settings: Settings, notifier: Notifier) -> anyhow::Result<Daemon>
 
     let health = crate::health::bind(&settings.health_socket)?;
     tracker.spawn(crate::health::serve(health, board.clone(), cancel.clone()));
+    crate::exporter::start(&settings, &board, &tracker, &cancel).await;
     tracker.spawn(signals::reloads(cancel.clone(), events.clone())?);
     watch::config(&settings.config_path, &tracker, cancel.clone(), {
         let events = events.clone();
