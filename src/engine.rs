@@ -48,6 +48,15 @@ pub(crate) enum Plan {
     Waiting { sources: Vec<String> },
 }
 
+/// `t + d`, saturating a century ahead: `Instant + Duration` panics on
+/// overflow, and `confirm_delay` is whatever the config says.
+fn later(t: Instant, d: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    t.checked_add(d)
+        .or_else(|| t.checked_add(CENTURY))
+        .unwrap_or(t)
+}
+
 /// See the module docs.
 #[derive(Debug, Default)]
 pub(crate) struct Engine {
@@ -195,7 +204,7 @@ impl Engine {
         let keep = Some(applied.clone());
         match self.pending.get(user) {
             Some(p) if p.desired.same_as(&desired) => {
-                let due = p.since + self.confirm_delay;
+                let due = later(p.since, self.confirm_delay);
                 let confirmed = sources.iter().all(|name| {
                     self.sources
                         .get(name)
@@ -214,7 +223,7 @@ impl Engine {
                 }
             }
             _ => {
-                let at = now + self.confirm_delay;
+                let at = later(now, self.confirm_delay);
                 self.pending.insert(
                     user.to_string(),
                     Pending {
@@ -301,6 +310,13 @@ mod tests {
                 ..PolicySettings::default()
             },
         }
+    }
+
+    #[test]
+    fn a_huge_confirm_delay_never_panics() {
+        let t = Instant::now();
+        assert!(later(t, Duration::MAX) > t);
+        assert_eq!(later(t, Duration::from_secs(5)), t + Duration::from_secs(5));
     }
 
     #[test]

@@ -597,11 +597,22 @@ async fn an_event_every_millisecond_is_coalesced_into_few_fetches() {
         let started = Instant::now();
         let mut events = 0usize;
         while started.elapsed() < flood {
-            cp.set_keys(if events.is_multiple_of(2) { &two } else { &three }.clone());
+            cp.set_keys(
+                if events.is_multiple_of(2) {
+                    &two
+                } else {
+                    &three
+                }
+                .clone(),
+            );
             events += 1;
             std::thread::sleep(Duration::from_millis(1));
         }
-        let last = if events.is_multiple_of(2) { &three } else { &two };
+        let last = if events.is_multiple_of(2) {
+            &three
+        } else {
+            &two
+        };
         // The events of the last moments are served after the flood, too.
         wait_block(&env, &agent, last, "after the flood");
         std::thread::sleep(Duration::from_millis(500));
