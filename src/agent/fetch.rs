@@ -5,7 +5,7 @@
 //! Nudges are coalesced: at most one fetch in flight and one more after it
 //! for all nudges that came meanwhile, at least 100 ms between the start of
 //! one fetch and a nudged one, and none while a backoff or a `Retry-After`
-//! runs (the nudge is served when it ends).
+//! of a remote source runs (the nudge is served when it ends).
 //!
 //! It touches no shared state: each fetch becomes a [`Report`] sent to the
 //! writer, and so does each change of the subscription stream's state.
@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::report::{FailureKind, FetchReport, Fetched, Report};
 use crate::backoff::{backoff, draw, jittered, poll_after};
-use crate::config::SourceSettings;
+use crate::config::{SourceKind, SourceSettings};
 use crate::keys::{self, Policy};
 use crate::source::{self, Answer, KeySource, SourceError};
 
@@ -123,10 +123,15 @@ pub(crate) async fn source_loop(
     // Retry-After runs (failures > 0) only when that ends, at `next`. The
     // loop runs one fetch at a time, so at most one is in flight and the
     // nudges that came during it make one more.
+    //
+    // A file source is exempt from the backoff rule: a backoff spares a
+    // server, a file has none, and its watch says when it is worth reading
+    // again (a key file that was missing and is back is read at once).
     let mut nudged = false;
     let mut last_fetch: Option<tokio::time::Instant> = None;
+    let backoff_holds_nudges = !matches!(settings.kind, SourceKind::File { .. });
     loop {
-        let wake = if nudged && failures == 0 {
+        let wake = if nudged && (failures == 0 || !backoff_holds_nudges) {
             let earliest = last_fetch.map_or_else(tokio::time::Instant::now, |at| {
                 at.checked_add(NUDGE_GAP).unwrap_or(at)
             });
