@@ -148,6 +148,9 @@ async fn connection<I>(
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(false)
+        // The deadline below covers the head and the body; hyper's own
+        // would need a timer and cover only the head.
+        .header_read_timeout(None)
         .serve_connection(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
     // Errors of a connection are the client's doing (it went away, it sent

@@ -12,10 +12,10 @@
 //! per backoff step, not a storm; a `Retry-After` on a refused stream and
 //! the stream's `retry:` are floors, capped at `max_backoff`. While the
 //! stream is down the fetch loop polls at `interval`, and while it is up
-//! at `resync`. The task talks only through the nudge and a watch channel that says
-//! whether the stream is up (the fetch loop reports that to the writer), so
-//! a loop waiting out a long `resync` starts polling as soon as the stream
-//! drops.
+//! at `resync`. The task talks only through the nudge and a watch channel
+//! that says whether the stream is up (the fetch loop reports that to the
+//! writer), so a loop waiting out a long `resync` starts polling as soon as
+//! the stream drops.
 
 use std::time::Duration;
 
