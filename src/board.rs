@@ -83,6 +83,11 @@ impl Board {
         s
     }
 
+    /// A receiver that sees every publication, for the metrics exporters.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Status> {
+        self.status.subscribe()
+    }
+
     /// The metrics text for the current snapshot (see [`Metrics::text`]).
     pub fn metrics_text(&self, openmetrics: bool) -> String {
         let status = self.status.borrow().clone();

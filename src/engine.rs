@@ -137,6 +137,15 @@ pub(crate) enum Plan {
     Waiting { sources: Vec<String> },
 }
 
+/// `t + d`, saturating a century ahead: `Instant + Duration` panics on
+/// overflow, and `confirm_delay` is whatever the config says.
+fn later(t: Instant, d: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    t.checked_add(d)
+        .or_else(|| t.checked_add(CENTURY))
+        .unwrap_or(t)
+}
+
 /// See the module docs.
 #[derive(Debug, Default)]
 pub(crate) struct Engine {
@@ -224,6 +233,14 @@ impl Engine {
                 slot.age = Some(Age::fresh(now));
             }
             slot.answered_at = Some(now);
+        }
+    }
+
+    /// Drops every source's ETag (the key policy changed): the next fetch
+    /// is unconditional. The keys stay until it answers.
+    pub(crate) fn forget_etags(&mut self) {
+        for good in self.sources.values_mut().filter_map(|s| s.good.as_mut()) {
+            good.etag = None;
         }
     }
 
@@ -349,7 +366,7 @@ impl Engine {
         });
         match self.pending.get(user) {
             Some(p) if p.desired.same_as(&desired) => {
-                let due = p.since + self.confirm_delay;
+                let due = later(p.since, self.confirm_delay);
                 let confirmed = sources.iter().all(|name| {
                     self.sources
                         .get(name)
@@ -374,7 +391,7 @@ impl Engine {
                 }
             }
             _ => {
-                let at = now + self.confirm_delay;
+                let at = later(now, self.confirm_delay);
                 self.pending.insert(
                     user.to_string(),
                     Pending {
@@ -474,6 +491,8 @@ mod tests {
             files: vec![],
             state_dir: PathBuf::from("/tmp"),
             health_socket: PathBuf::from("/tmp/s"),
+            metrics_textfile: None,
+            metrics_listen: None,
             sources: [
                 ("a".to_string(), source("a")),
                 ("b".to_string(), source("b")),
@@ -491,6 +510,13 @@ mod tests {
                 ..PolicySettings::default()
             },
         }
+    }
+
+    #[test]
+    fn a_huge_confirm_delay_never_panics() {
+        let t = Instant::now();
+        assert!(later(t, Duration::MAX) > t);
+        assert_eq!(later(t, Duration::from_secs(5)), t + Duration::from_secs(5));
     }
 
     #[test]

@@ -17,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::board::Board;
 
+pub(crate) mod serve;
+
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum HealthError {
     #[error("cannot create the directory of health socket {path}: {source}")]
@@ -133,7 +135,7 @@ pub(crate) fn router(shared: Board) -> Router {
 
 /// OpenMetrics for a scraper that asks for it (Prometheus does), the classic
 /// Prometheus text format otherwise.
-fn metrics(shared: &Board, headers: &HeaderMap) -> Response {
+pub(crate) fn metrics(shared: &Board, headers: &HeaderMap) -> Response {
     let openmetrics = headers
         .get_all(header::ACCEPT)
         .iter()
@@ -151,13 +153,7 @@ fn metrics(shared: &Board, headers: &HeaderMap) -> Response {
         .into_response()
 }
 
-/// Serves until cancelled.
+/// Serves until cancelled, within the bounds of [`serve::serve`].
 pub(crate) async fn serve(listener: UnixListener, shared: Board, cancel: CancellationToken) {
-    let app = router(shared);
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
-        .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "health socket stopped");
-    }
+    serve::serve(listener, router(shared), "health socket", cancel).await;
 }

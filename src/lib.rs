@@ -20,6 +20,7 @@ pub mod board; // the published status, the metrics and the writer's heartbeat
 pub mod cli; // one file per subcommand
 pub mod config; // fragments -> merged -> validated Settings
 pub(crate) mod engine; // per-user desired state, mass-removal confirmation, staleness (pure)
+pub(crate) mod exporter; // the metrics for Prometheus: metrics_textfile and metrics_listen
 pub(crate) mod health; // the Unix-socket HTTP server: healthz, readyz, status, metrics
 pub mod keys; // parsing, policy, dedup (pure)
 pub mod lock; // one agent per state dir

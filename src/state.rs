@@ -14,6 +14,10 @@
 //!
 //! Persisted keys are validated again on load with the current policy, so a
 //! tampered or older state file cannot bring in a key the policy refuses.
+//! The record also names the key policy its list was filtered with: under
+//! another policy its ETag is dropped, because a key the old policy refused
+//! is not in the record, and a conditional fetch would answer 304 and never
+//! bring it (DESIGN.md §5: a change of policy drops the remembered ETags).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -42,6 +46,10 @@ struct Record {
     fetched_at_unix_ms: u64,
     #[serde(default)]
     etag: Option<String>,
+    /// The key policy `keys` passed; a record without one (older agents)
+    /// counts as made under another policy.
+    #[serde(default)]
+    policy: Option<Policy>,
     keys: Vec<String>,
 }
 
@@ -128,15 +136,28 @@ impl StateDir {
         for r in rejected {
             tracing::warn!(source = name, %r, "persisted key no longer passes the policy");
         }
+        let mut etag = record.etag;
+        if etag.is_some() && record.policy.as_ref() != Some(policy) {
+            tracing::info!(
+                source = name,
+                "the key policy changed since source {name}'s last good list was fetched; dropping its ETag so that the next fetch brings the whole list, with any key the new policy allows"
+            );
+            etag = None;
+        }
         Some(LastGood {
             keys,
-            etag: record.etag,
+            etag,
             fetched_at: UNIX_EPOCH + Duration::from_millis(record.fetched_at_unix_ms),
         })
     }
 
-    /// Persists a source's last good answer atomically.
-    pub(crate) fn save_source(&self, name: &str, good: &LastGood) -> Result<Outcome, WriteError> {
+    /// Persists a source's last good answer, filtered with `policy`, atomically.
+    pub(crate) fn save_source(
+        &self,
+        name: &str,
+        good: &LastGood,
+        policy: &Policy,
+    ) -> Result<Outcome, WriteError> {
         let record = Record {
             version: 1,
             fetched_at_unix_ms: good
@@ -145,6 +166,7 @@ impl StateDir {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
             etag: good.etag.clone(),
+            policy: Some(policy.clone()),
             keys: good.keys.keys().iter().map(|k| k.line(None)).collect(),
         };
         // Serializing plain strings and numbers cannot fail.
@@ -302,16 +324,46 @@ mod tests {
             etag: Some("\"v1\"".into()),
             fetched_at: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
         };
+        let policy = Policy::default();
         assert_eq!(
-            state.save_source("account", &good).unwrap(),
+            state.save_source("account", &good, &policy).unwrap(),
             Outcome::Written
         );
         assert_eq!(
-            state.save_source("account", &good).unwrap(),
+            state.save_source("account", &good, &policy).unwrap(),
             Outcome::Unchanged
         );
-        assert_eq!(state.load_source("account", &Policy::default()), Some(good));
-        assert_eq!(state.load_source("other", &Policy::default()), None);
+        assert_eq!(state.load_source("account", &policy), Some(good));
+        assert_eq!(state.load_source("other", &policy), None);
+    }
+
+    #[test]
+    fn another_policy_drops_the_etag_and_keeps_the_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path().join("state"));
+        state.ensure().unwrap();
+        let (keys, _) = parse_entries([ALICE], &Policy::default());
+        let good = LastGood {
+            keys,
+            etag: Some("\"v1\"".into()),
+            fetched_at: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+        };
+        let strict = Policy {
+            min_rsa_bits: 4096,
+            ..Policy::default()
+        };
+        state.save_source("account", &good, &strict).unwrap();
+        let loosened = state.load_source("account", &Policy::default()).unwrap();
+        assert_eq!(loosened.etag, None);
+        assert_eq!(loosened.keys, good.keys);
+        assert_eq!(
+            state.load_source("account", &strict).unwrap().etag,
+            good.etag
+        );
+        // A record from before policies were recorded: the ETag goes once.
+        let old = r#"{"version":1,"fetched_at_unix_ms":0,"etag":"\"v1\"","keys":[]}"#;
+        std::fs::write(state.source_path("account"), old).unwrap();
+        assert_eq!(state.load_source("account", &strict).unwrap().etag, None);
     }
 
     #[test]

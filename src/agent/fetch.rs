@@ -2,6 +2,10 @@
 //! then every `interval` ± `jitter` (every `resync` while a subscription
 //! stream is up), sooner when nudged (a stream event, a key file change, a
 //! mass-removal confirmation), and with full-jitter backoff after failures.
+//! Nudges are coalesced: at most one fetch in flight and one more after it
+//! for all nudges that came meanwhile, at least 100 ms between the start of
+//! one fetch and a nudged one, and none while a backoff or a `Retry-After`
+//! of a remote source runs (the nudge is served when it ends).
 //!
 //! It touches no shared state: each fetch becomes a [`Report`] sent to the
 //! writer, and so does each change of the subscription stream's state.
@@ -12,13 +16,18 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::report::{FailureKind, FetchReport, Fetched, Report};
-use crate::backoff::{backoff, draw, jittered};
-use crate::config::SourceSettings;
+use crate::backoff::{backoff, draw, jittered, poll_after};
+use crate::config::{SourceKind, SourceSettings};
 use crate::keys::{self, Policy};
 use crate::source::{self, Answer, KeySource, SourceError};
 
 /// How many rejected entries of one answer are logged one by one.
 const LOGGED_REJECTIONS: usize = 10;
+
+/// The least time from the start of one fetch to a fetch a nudge asks for
+/// (DESIGN.md §5, "Subscribe"): a flood of events costs at most ten
+/// fetches a second.
+const NUDGE_GAP: Duration = Duration::from_millis(100);
 
 /// Fetches once and validates the answer with the key policy.
 pub(crate) async fn fetch(name: &str, source: &mut dyn KeySource, policy: &Policy) -> FetchReport {
@@ -109,11 +118,34 @@ pub(crate) async fn source_loop(
     };
     // The first fetch after start is immediate.
     let mut next = tokio::time::Instant::now();
+    // Nudges are coalesced: one waiting is as good as many. It is served
+    // `NUDGE_GAP` after the last fetch started, but while a backoff or a
+    // Retry-After runs (failures > 0) only when that ends, at `next`. The
+    // loop runs one fetch at a time, so at most one is in flight and the
+    // nudges that came during it make one more.
+    //
+    // A file source is exempt from the backoff rule: a backoff spares a
+    // server, a file has none, and its watch says when it is worth reading
+    // again (a key file that was missing and is back is read at once).
+    let mut nudged = false;
+    let mut last_fetch: Option<tokio::time::Instant> = None;
+    let backoff_holds_nudges = !matches!(settings.kind, SourceKind::File { .. });
     loop {
+        let wake = if nudged && (failures == 0 || !backoff_holds_nudges) {
+            let earliest = last_fetch.map_or_else(tokio::time::Instant::now, |at| {
+                at.checked_add(NUDGE_GAP).unwrap_or(at)
+            });
+            next.min(earliest)
+        } else {
+            next
+        };
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep_until(next) => {}
-            Some(()) = nudge.recv() => {}
+            _ = tokio::time::sleep_until(wake) => {}
+            Some(()) = nudge.recv() => {
+                nudged = true;
+                continue;
+            }
             // Errs (and is skipped) when there is no subscription.
             Ok(()) = stream.changed() => {
                 let connected = *stream.borrow_and_update();
@@ -150,6 +182,8 @@ pub(crate) async fn source_loop(
             }
         }
         let Some(src) = source.as_mut() else { continue };
+        nudged = false;
+        last_fetch = Some(tokio::time::Instant::now());
         let report = tokio::select! {
             _ = cancel.cancelled() => return,
             report = fetch(&name, src.as_mut(), &policy) => report,
@@ -157,7 +191,18 @@ pub(crate) async fn source_loop(
         let delay = match &report.fetched {
             Fetched::Failed { retry_after, .. } => {
                 failures = failures.saturating_add(1);
-                backoff_after(failures, *retry_after)
+                let delay = backoff_after(failures, *retry_after);
+                if let Some(asked) = retry_after
+                    && *asked > delay
+                {
+                    tracing::info!(
+                        source = %name,
+                        retry_after = ?asked,
+                        retry_in = ?delay,
+                        "source {name} asked to retry after {asked:?}; retrying in {delay:?} instead, because Retry-After is capped at max_backoff so that no answer can hold up a revocation"
+                    );
+                }
+                delay
             }
             _ => {
                 failures = 0;
@@ -168,7 +213,13 @@ pub(crate) async fn source_loop(
                 } else {
                     settings.interval
                 };
-                jittered(base, settings.jitter, draw())
+                let poll = jittered(base, settings.jitter, draw());
+                let max_age = src.max_age();
+                let delay = poll_after(poll, max_age, settings.max_backoff);
+                if delay > poll {
+                    tracing::debug!(source = %name, max_age = ?max_age, next_poll_in = ?delay, "the answer says it stays fresh (Cache-Control: max-age); next poll in {delay:?}");
+                }
+                delay
             }
         };
         next = after(delay);

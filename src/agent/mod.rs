@@ -62,6 +62,7 @@ async fn start(settings: Settings, notifier: Notifier) -> anyhow::Result<Daemon>
 
     let health = crate::health::bind(&settings.health_socket)?;
     tracker.spawn(crate::health::serve(health, board.clone(), cancel.clone()));
+    crate::exporter::start(&settings, &board, &tracker, &cancel).await;
     tracker.spawn(signals::reloads(cancel.clone(), events.clone())?);
     watch::config(&settings.config_path, &tracker, cancel.clone(), {
         let events = events.clone();
@@ -120,6 +121,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     notifier: Notifier,
 ) -> anyhow::Result<()> {
+    raise_open_file_limit();
     let socket = settings.health_socket.clone();
     let daemon = start(settings, notifier.clone()).await?;
     tokio::select! {
@@ -139,6 +141,32 @@ pub async fn run(
     }
     crate::health::cleanup(&socket);
     Ok(())
+}
+
+/// Raises the open-file soft limit to the hard limit (DESIGN.md §8). The
+/// health socket bounds its own connections, but systemd's default soft
+/// limit (1024) is small for a daemon that holds sockets, watches and
+/// files for many users; the hard limit (524288 under systemd) is what the
+/// system grants it anyway.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(
+                from = soft,
+                to = hard,
+                "raised the open-file soft limit from {soft} to the hard limit {hard}"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot raise the open-file soft limit from {soft} to {hard} ({e}); going on with {soft}"
+            ),
+        },
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open-file limit ({e}); leaving it as it is")
+        }
+    }
 }
 
 /// One sync pass: fetch every source once, confirm mass removals, write.

@@ -188,6 +188,7 @@ impl Syncer {
             .iter()
             .map(|u| (u.name.clone(), u.clone()))
             .collect();
+        let policy_changed = self.settings.policy.keys != settings.policy.keys;
         self.state = StateDir::new(&settings.state_dir);
         if let Err(e) = self.state.ensure() {
             tracing::error!(path = %settings.state_dir.display(), error = %e, "cannot create state_dir {}: {e}", settings.state_dir.display());
@@ -196,6 +197,12 @@ impl Syncer {
         self.log.follow(&settings);
         self.settings = settings;
         self.restore();
+        // The persisted records drop their ETags under another policy; so
+        // must the answers held only in memory (one whose save failed): the
+        // next fetch brings the whole list, with the keys the new policy allows.
+        if policy_changed {
+            self.engine.forget_etags();
+        }
         // A user whose target moved or who is gone: take the agent's lines out
         // of the old file so no key stays behind where nothing manages it.
         for (name, old) in old_users {
@@ -295,7 +302,10 @@ impl Syncer {
     }
 
     fn persist(&mut self, name: &str, good: &LastGood) {
-        match self.state.save_source(name, good) {
+        match self
+            .state
+            .save_source(name, good, &self.settings.policy.keys)
+        {
             Ok(_) => {}
             Err(e) => {
                 // The next answer (a 304 too) tries again: a persisted list

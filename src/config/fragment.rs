@@ -19,6 +19,8 @@ pub(super) struct Fragment {
     #[serde(default)]
     pub(super) users: Vec<UserFragment>,
     pub(super) policy: Option<PolicyFragment>,
+    pub(super) metrics_textfile: Option<Spanned<PathBuf>>,
+    pub(super) metrics_listen: Option<Spanned<String>>,
 }
 
 pub(super) type Spanned<T> = toml::Spanned<T>;
@@ -140,6 +142,12 @@ impl Fragment {
                 Some(existing) => *existing = user,
                 None => self.users.push(user),
             }
+        }
+        if later.metrics_textfile.is_some() {
+            self.metrics_textfile = later.metrics_textfile;
+        }
+        if later.metrics_listen.is_some() {
+            self.metrics_listen = later.metrics_listen;
         }
         match (&mut self.policy, later.policy) {
             (Some(existing), Some(p)) => existing.merge(p),

@@ -25,6 +25,12 @@ pub struct Settings {
     pub sources: BTreeMap<String, SourceSettings>,
     pub users: Vec<UserSettings>,
     pub policy: PolicySettings,
+    /// The metrics, also written to this file for node_exporter's textfile
+    /// collector (a `*.prom` path). Off by default; read at start.
+    pub metrics_textfile: Option<PathBuf>,
+    /// The metrics, also served as plain HTTP `/metrics` on this address
+    /// (e.g. `127.0.0.1:9273`). Off by default; read at start.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// One key source.

@@ -267,3 +267,56 @@ fn user_options_must_end_where_sshd_ends_them() {
         assert!(err.contains("users[root].options"), "{err}");
     }
 }
+
+#[test]
+fn metrics_textfile_and_listen_are_off_by_default_and_checked() {
+    let s = load_texts(&[("/m.toml", MAIN)]).unwrap();
+    assert_eq!(s.metrics_textfile, None);
+    assert_eq!(s.metrics_listen, None);
+
+    let top = "metrics_textfile = \"/var/lib/prometheus/node-exporter/keysync.prom\"\nmetrics_listen = \"127.0.0.1:9273\"\n";
+    let s = load_texts(&[("/m.toml", &format!("{top}{MAIN}"))]).unwrap();
+    assert_eq!(
+        s.metrics_textfile.as_deref(),
+        Some(Path::new("/var/lib/prometheus/node-exporter/keysync.prom"))
+    );
+    assert_eq!(s.metrics_listen, Some("127.0.0.1:9273".parse().unwrap()));
+    // A drop-in wins, and IPv6 works.
+    let d = "metrics_listen = \"[::1]:9100\"\n";
+    let s = load_texts(&[
+        ("/m.toml", &format!("{top}{MAIN}")),
+        ("/config.d/m.toml", d),
+    ])
+    .unwrap();
+    assert_eq!(s.metrics_listen, Some("[::1]:9100".parse().unwrap()));
+
+    for (line, field, why) in [
+        (
+            "metrics_textfile = \"keysync.prom\"",
+            "metrics_textfile",
+            "absolute",
+        ),
+        (
+            "metrics_textfile = \"/var/lib/keysync.txt\"",
+            "metrics_textfile",
+            ".prom",
+        ),
+        (
+            "metrics_listen = \"localhost:9273\"",
+            "metrics_listen",
+            "IP address and port",
+        ),
+        (
+            "metrics_listen = \"127.0.0.1\"",
+            "metrics_listen",
+            "IP address and port",
+        ),
+    ] {
+        let dropin = format!("\n\n{line}\n");
+        let err = load_texts(&[("/m.toml", MAIN), ("/config.d/50-metrics.toml", &dropin)])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/config.d/50-metrics.toml, line 3"), "{err}");
+        assert!(err.contains(field) && err.contains(why), "{err}");
+    }
+}

@@ -14,6 +14,7 @@ use super::{ConfigError, DEFAULT_HEALTH_SOCKET, DEFAULT_STATE_DIR, DEFAULT_VAST_
 use crate::keys::{DEFAULT_ALGORITHMS, options_are_closed};
 
 pub(super) fn validate(merged: Fragment, files: &[(&Path, &str)]) -> Result<Settings, ConfigError> {
+    let (metrics_textfile, metrics_listen) = validate_metrics(&merged, files)?;
     let state_dir = merged
         .state_dir
         .map(|s| s.into_inner())
@@ -52,7 +53,77 @@ pub(super) fn validate(merged: Fragment, files: &[(&Path, &str)]) -> Result<Sett
         sources,
         users,
         policy,
+        metrics_textfile,
+        metrics_listen,
     })
+}
+
+/// `metrics_textfile`: an absolute `*.prom` path (node_exporter's textfile
+/// collector reads no other name); `metrics_listen`: an IP address and port.
+fn validate_metrics(
+    merged: &Fragment,
+    files: &[(&Path, &str)],
+) -> Result<(Option<PathBuf>, Option<std::net::SocketAddr>), ConfigError> {
+    // Top-level values carry no origin: the last file whose text holds the
+    // value at its span is where it came from.
+    let at_of_top = |span: &std::ops::Range<usize>, value: &str| {
+        files
+            .iter()
+            .rev()
+            .find(|(_, text)| text.get(span.clone()).is_some_and(|t| t.contains(value)))
+            .map_or(
+                At {
+                    path: Path::new("?"),
+                    text: "",
+                },
+                |(path, text)| At { path, text },
+            )
+    };
+    let textfile = match &merged.metrics_textfile {
+        Some(p) => {
+            let at = at_of_top(&p.span(), &p.get_ref().to_string_lossy());
+            let path = p.get_ref();
+            if !path.is_absolute() {
+                return invalid(
+                    &at,
+                    p.span(),
+                    "metrics_textfile",
+                    "must be an absolute path",
+                );
+            }
+            if path.extension().is_none_or(|e| e != "prom") {
+                return invalid(
+                    &at,
+                    p.span(),
+                    "metrics_textfile",
+                    "must end in .prom: node_exporter's textfile collector reads only *.prom files",
+                );
+            }
+            Some(path.clone())
+        }
+        None => None,
+    };
+    let listen = match &merged.metrics_listen {
+        Some(a) => {
+            let at = at_of_top(&a.span(), a.get_ref());
+            match a.get_ref().trim().parse::<std::net::SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    return invalid(
+                        &at,
+                        a.span(),
+                        "metrics_listen",
+                        format!(
+                            "{:?} is not an IP address and port like \"127.0.0.1:9273\" or \"[::1]:9273\"",
+                            a.get_ref()
+                        ),
+                    );
+                }
+            }
+        }
+        None => None,
+    };
+    Ok((textfile, listen))
 }
 
 fn invalid<T>(

@@ -44,9 +44,14 @@ fn system_roots_present() -> bool {
             .any(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.len() > 0))
 }
 
-/// Builds the client for one source. Redirects are followed only within the
-/// same origin (at most 5), so credentials never reach another host.
-pub fn client(settings: &SourceSettings) -> Result<Client, SourceError> {
+/// Builds the client for one source's requests to `target`. Redirects are
+/// followed only within the same origin (at most 5), so credentials never
+/// reach another host. The standard proxy variables (`HTTPS_PROXY`,
+/// `NO_PROXY`, …) are honoured, except for a loopback target: that never
+/// goes through a proxy (DESIGN.md §5), since a plain `http://` request
+/// carries the API key in the clear and a same-origin redirect cannot
+/// leave loopback.
+pub fn client(settings: &SourceSettings, target: &Url) -> Result<Client, SourceError> {
     let system_roots = system_roots_present();
     let mut builder = Client::builder()
         .use_rustls_tls()
@@ -65,6 +70,9 @@ pub fn client(settings: &SourceSettings) -> Result<Client, SourceError> {
                 attempt.follow()
             }
         }));
+    if crate::config::is_loopback_host(target) {
+        builder = builder.no_proxy();
+    }
     if let Some(ca) = &settings.ca_file {
         let pem = std::fs::read(ca).map_err(|e| SourceError::Rejected {
             what: format!("cannot read ca_file {}", ca.display()),
@@ -155,17 +163,64 @@ fn transport(e: reqwest::Error) -> SourceError {
     }
 }
 
-/// `Retry-After` as seconds or an HTTP date.
+/// `Retry-After` as seconds or an HTTP date (see [`parse_retry_after`]).
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+    parse_retry_after(
+        headers.get(header::RETRY_AFTER)?.as_bytes(),
+        SystemTime::now(),
+    )
+}
+
+/// Parses a `Retry-After` value defensively: it is untrusted input, and
+/// whatever it says, the backoff caps it at `max_backoff` (DESIGN.md §5).
+///
+/// - delay-seconds (ASCII digits only): that many seconds; a number too
+///   large for a `u64` saturates to [`Duration::MAX`] rather than being
+///   dropped, since the server clearly meant "a long time";
+/// - an HTTP date: the time until then, zero for a date in the past;
+/// - anything else (negative, fractional, with a unit, not UTF-8, empty):
+///   `None`, and the ordinary backoff applies.
+pub fn parse_retry_after(value: &[u8], now: SystemTime) -> Option<Duration> {
+    let value = std::str::from_utf8(value).ok()?.trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(
+            value
+                .parse::<u64>()
+                .map_or(Duration::MAX, Duration::from_secs),
+        );
     }
     let when = httpdate::parse_http_date(value).ok()?;
-    Some(
-        when.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
+    Some(when.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// `max-age` of the `Cache-Control` headers, read defensively (RFC 9111
+/// §5.2): the first `max-age` directive whose value is delta-seconds
+/// (quoted or not); a number too large saturates. `s-maxage` is for shared
+/// caches, and `no-cache` or `no-store` only ask a cache to revalidate,
+/// which every conditional poll does: both are ignored.
+pub fn max_age(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| std::str::from_utf8(v.as_bytes()).ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|directive| {
+            let (name, value) = directive.split_once('=')?;
+            if !name.trim().eq_ignore_ascii_case("max-age") {
+                return None;
+            }
+            let value = value.trim();
+            let value = value
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(value);
+            (!value.is_empty() && value.bytes().all(|b| b.is_ascii_digit())).then(|| {
+                value
+                    .parse::<u64>()
+                    .map_or(Duration::MAX, Duration::from_secs)
+            })
+        })
+        .next()
 }
 
 /// The strong or weak ETag of a response, if any.
@@ -220,6 +275,7 @@ pub struct HttpSource {
     url: Url,
     etag: Option<String>,
     max_body: u64,
+    max_age: Option<Duration>,
 }
 
 impl HttpSource {
@@ -228,11 +284,13 @@ impl HttpSource {
         url: &str,
         etag: Option<String>,
     ) -> Result<Self, SourceError> {
+        let url = parse_url(url)?;
         Ok(HttpSource {
-            client: client(settings)?,
-            url: parse_url(url)?,
+            client: client(settings, &url)?,
+            url,
             etag,
             max_body: settings.max_body,
+            max_age: None,
         })
     }
 
@@ -247,6 +305,7 @@ impl HttpSource {
             self.max_body,
         )
         .await?;
+        self.max_age = max_age(&response.headers);
         if let Some(err) = classify(&response) {
             return Err(err);
         }
@@ -272,6 +331,10 @@ impl KeySource for HttpSource {
     fn fetch(&mut self) -> FetchFuture<'_> {
         Box::pin(self.fetch_once())
     }
+
+    fn max_age(&self) -> Option<Duration> {
+        self.max_age
+    }
 }
 
 #[cfg(test)]
@@ -292,5 +355,90 @@ mod tests {
         );
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn max_age_of_any_shape_is_never_a_crash() {
+        let of = |values: &[&[u8]]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::CACHE_CONTROL, HeaderValue::from_bytes(v).unwrap());
+            }
+            max_age(&h)
+        };
+        let s = Duration::from_secs;
+        assert_eq!(of(&[]), None);
+        assert_eq!(of(&[b"max-age=30"]), Some(s(30)));
+        assert_eq!(
+            of(&[b"public, Max-Age = 30 , must-revalidate"]),
+            Some(s(30))
+        );
+        assert_eq!(of(&[b"max-age=\"7\""]), Some(s(7)));
+        assert_eq!(of(&[b"no-cache", b"max-age=5"]), Some(s(5)));
+        assert_eq!(of(&[b"s-maxage=60"]), None);
+        assert_eq!(
+            of(&[b"max-age=99999999999999999999999"]),
+            Some(Duration::MAX)
+        );
+        for bad in [
+            &b"max-age=-1"[..],
+            b"max-age=",
+            b"max-age=1.5",
+            b"max-age",
+            b"\xffmax-age=3",
+            b"max-age=3s",
+        ] {
+            assert_eq!(of(&[bad]), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+        // The first usable one counts.
+        assert_eq!(of(&[b"max-age=x, max-age=4, max-age=9"]), Some(s(4)));
+    }
+
+    #[test]
+    fn retry_after_of_any_shape_is_never_a_crash() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let at = |v: &[u8]| parse_retry_after(v, now);
+        assert_eq!(at(b" 7 "), Some(Duration::from_secs(7)));
+        assert_eq!(at(b"0"), Some(Duration::ZERO));
+        // Too large for any clock: as long as allowed (the backoff caps it
+        // at max_backoff), not ignored and not a panic.
+        assert_eq!(at(b"99999999999999999999"), Some(Duration::MAX));
+        assert_eq!(at(&[b'9'; 4096]), Some(Duration::MAX));
+        assert_eq!(
+            at(b"18446744073709551615"),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        // A date in the past means now; one far ahead is just long.
+        assert_eq!(at(b"Thu, 01 Jan 1970 00:00:00 GMT"), Some(Duration::ZERO));
+        assert!(
+            at(b"Fri, 31 Dec 9999 23:59:59 GMT").is_some_and(|d| d > Duration::from_secs(1 << 37))
+        );
+        // Malformed: ignored, the ordinary backoff applies.
+        for bad in [
+            &b"-5"[..],
+            b"+5",
+            b"1.5",
+            b"5s",
+            b"",
+            b"   ",
+            b"garbage",
+            b"Thu, 32 Jan 1970 00:00:00 GMT",
+            b"\xff\xfe",
+            b"\x009",
+        ] {
+            assert_eq!(at(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+        // Through the header map too, with bytes a HeaderValue allows.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_bytes(b"\xff 12").unwrap(),
+        );
+        assert_eq!(retry_after(&h), None);
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static("99999999999999999999"),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::MAX));
     }
 }

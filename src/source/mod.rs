@@ -101,6 +101,13 @@ impl SourceError {
 pub trait KeySource: Send {
     /// Fetches the list once.
     fn fetch(&mut self) -> FetchFuture<'_>;
+
+    /// How long the last answer said it stays fresh (`Cache-Control:
+    /// max-age`); the next poll waits at least that long, up to
+    /// `max_backoff` (DESIGN.md §5). None when it said nothing.
+    fn max_age(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// Builds the source for a config entry. `etag` is the persisted ETag of

@@ -2,13 +2,20 @@
 //! Events stream open and trigger an immediate fetch on every event.
 //!
 //! The fetch is the truth; an event's data is only a hint and is not read.
-//! `: comment` lines are heartbeats. On a dropped stream the task reconnects
-//! with backoff and full jitter, sending `Last-Event-ID`; while the stream is
-//! down the fetch loop polls at `interval`, and while it is up at `resync`.
-//! The task talks only through the nudge and a watch channel that says
-//! whether the stream is up (the fetch loop reports that to the writer), so
-//! a loop waiting out a long `resync` starts polling as soon as the stream
-//! drops.
+//! `: comment` lines and blocks without data (a hub's `event: ping`) are
+//! heartbeats (`source/sse.rs` has the parsing rules). The fetch loop
+//! coalesces the nudges (`agent/fetch.rs`).
+//!
+//! On a dropped stream the task reconnects with backoff and full jitter,
+//! sending `Last-Event-ID`. The backoff resets only after a stream stayed
+//! up for `interval`, so a hub that accepts and drops streams gets one try
+//! per backoff step, not a storm; a `Retry-After` on a refused stream and
+//! the stream's `retry:` are floors, capped at `max_backoff`. While the
+//! stream is down the fetch loop polls at `interval`, and while it is up
+//! at `resync`. The task talks only through the nudge and a watch channel
+//! that says whether the stream is up (the fetch loop reports that to the
+//! writer), so a loop waiting out a long `resync` starts polling as soon as
+//! the stream drops.
 
 use std::time::Duration;
 
@@ -40,19 +47,24 @@ pub(crate) async fn run(
         return;
     };
     let name = settings.name.clone();
-    let client = match super::http::client(&SourceSettings {
-        // The stream stays open: only connecting is bounded by the timeout.
-        timeout: Duration::from_secs(365 * 24 * 3600),
-        ..settings.clone()
-    }) {
+    // Validated at config load; a URL that does not parse is no stream.
+    let Ok(url) = reqwest::Url::parse(&sub_url) else {
+        tracing::error!(source = %name, "subscribe_url is not a URL; polling only");
+        return;
+    };
+    let client = match super::http::client(
+        &SourceSettings {
+            // The stream stays open: only connecting is bounded by the timeout.
+            timeout: Duration::from_secs(365 * 24 * 3600),
+            ..settings.clone()
+        },
+        &url,
+    ) {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(source = %name, error = %e.chain(), "cannot set up the subscription");
+            tracing::error!(source = %name, error = %e.chain(), "cannot set up the subscription ({}); polling only", e.chain());
             return;
         }
-    };
-    let Ok(url) = reqwest::Url::parse(&sub_url) else {
-        return;
     };
     let silence = settings.resync.max(SILENCE_FLOOR);
     let mut parser = SseParser::default();
@@ -75,7 +87,7 @@ pub(crate) async fn run(
             value.set_sensitive(true);
             headers.insert(header::AUTHORIZATION, value);
         }
-        if let Some(id) = &parser.last_id
+        if let Some(id) = parser.last_id()
             && let Ok(value) = HeaderValue::from_str(id)
         {
             headers.insert("last-event-id", value);
@@ -88,11 +100,14 @@ pub(crate) async fn run(
             _ = cancel.cancelled() => return,
             r = connect => r,
         };
+        // A 429 or 503 may say when to come back; so may the stream's `retry:`.
+        let mut retry_after = None;
         let error = match response {
             Ok(Ok(mut resp)) if resp.status().is_success() => {
                 tracing::info!(source = %name, "subscription stream connected");
+                parser.reset();
                 stream_up.send_replace(true);
-                failures = 0;
+                let connected_at = tokio::time::Instant::now();
                 // A (re)connect may have missed events: fetch now.
                 let _ = nudge.try_send(());
                 let reason = loop {
@@ -117,21 +132,31 @@ pub(crate) async fn run(
                     }
                 };
                 stream_up.send_replace(false);
+                // Only a stream that stayed up for `interval` shows a healthy
+                // hub and resets the backoff: one that accepts and drops
+                // streams gets one try per backoff step, not a storm.
+                if connected_at.elapsed() >= settings.interval {
+                    failures = 0;
+                }
                 reason
             }
-            Ok(Ok(resp)) => format!("subscription answered {}", resp.status()),
+            Ok(Ok(resp)) => {
+                retry_after = super::http::retry_after(resp.headers());
+                format!("subscription answered {}", resp.status())
+            }
             Ok(Err(e)) => format!("cannot connect the subscription: {}", e.without_url()),
             Err(_) => "subscription connect timed out".to_string(),
         };
         failures = failures.saturating_add(1);
+        // The server's wishes are a floor, capped at max_backoff.
         let delay = backoff(
             Duration::from_secs(1).min(settings.interval),
             settings.max_backoff,
             failures,
-            None,
+            retry_after.max(parser.retry()),
             draw(),
         );
-        tracing::warn!(source = %name, error = %error, retry_in = ?delay, "subscription down; polling meanwhile");
+        tracing::warn!(source = %name, error = %error, retry_in = ?delay, failures, "subscription down ({error}); reconnecting in {delay:?}, polling meanwhile");
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}

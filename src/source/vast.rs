@@ -15,10 +15,11 @@ use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Client, StatusCode, Url};
 
 use super::format::{parse_list, says_no_ssh_keys};
-use super::http::{classify, client, etag, get, parse_url};
+use super::http::{classify, client, etag, get, max_age, parse_url};
 use super::{Answer, FetchFuture, KeySource, SourceError};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::config::{ApiKeySource, SourceSettings};
 
@@ -28,6 +29,7 @@ pub struct VastSource {
     api_key: ApiKeySource,
     etag: Option<String>,
     max_body: u64,
+    max_age: Option<Duration>,
 }
 
 impl VastSource {
@@ -37,12 +39,14 @@ impl VastSource {
         api_key: ApiKeySource,
         etag: Option<String>,
     ) -> Result<Self, SourceError> {
+        let url = parse_url(url)?;
         Ok(VastSource {
-            client: client(settings)?,
-            url: parse_url(url)?,
+            client: client(settings, &url)?,
+            url,
             api_key,
             etag,
             max_body: settings.max_body,
+            max_age: None,
         })
     }
 
@@ -68,6 +72,7 @@ impl VastSource {
             self.max_body,
         )
         .await?;
+        self.max_age = max_age(&response.headers);
         if let Some(err) = classify(&response) {
             return Err(err);
         }
@@ -102,6 +107,10 @@ impl VastSource {
 impl KeySource for VastSource {
     fn fetch(&mut self) -> FetchFuture<'_> {
         Box::pin(self.fetch_once())
+    }
+
+    fn max_age(&self) -> Option<Duration> {
+        self.max_age
     }
 }
 
