@@ -158,7 +158,7 @@ async fn cache_control_max_age_spaces_the_polls_up_to_max_backoff() {
         // A 200 ms interval, but the answers say they stay fresh for 3 s.
         cp.set_extra_headers(vec![("Cache-Control".into(), "public, max-age=3".into())]);
         let env = TestEnv::new();
-        env.write_config(&poll_config(&env, &cp.url(), "200ms", "10s"));
+        env.write_config(poll_config(&env, &cp.url(), "200ms", "10s"));
         let agent = env.spawn();
         wait_block(&env, &agent, &keys[..2], "first sync");
         cp.clear_requests();
@@ -183,7 +183,7 @@ async fn cache_control_max_age_spaces_the_polls_up_to_max_backoff() {
         // and a deleted key goes within seconds.
         cp.set_extra_headers(vec![("Cache-Control".into(), "max-age=3600".into())]);
         let env = TestEnv::new();
-        env.write_config(&poll_config(&env, &cp.url(), "200ms", "1s"));
+        env.write_config(poll_config(&env, &cp.url(), "200ms", "1s"));
         let agent = env.spawn();
         wait_block(&env, &agent, &keys[..2], "first sync");
         cp.clear_requests();
@@ -243,7 +243,7 @@ async fn a_loosened_policy_brings_in_keys_of_an_unchanged_list() {
         };
         let ed_rsa: &[&str] = &["ssh-ed25519", "ssh-rsa"];
         let ed_rsa_ecdsa: &[&str] = &["ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256"];
-        env.write_config(&config(ed_rsa, 2048));
+        env.write_config(config(ed_rsa, 2048));
         let agent = env.spawn();
         wait_keys(&env, &agent, &[&alice], "first sync: ed25519 only");
         // The list does not change from here on: polls get 304.
@@ -255,7 +255,7 @@ async fn a_loosened_policy_brings_in_keys_of_an_unchanged_list() {
 
         // A reload allows ECDSA: the list is the same, the key arrives.
         cp.clear_requests();
-        env.write_config(&config(ed_rsa_ecdsa, 2048));
+        env.write_config(config(ed_rsa_ecdsa, 2048));
         agent.signal(nix::sys::signal::Signal::SIGHUP);
         wait_keys(
             &env,
@@ -277,7 +277,7 @@ async fn a_loosened_policy_brings_in_keys_of_an_unchanged_list() {
         // A restart with 1024-bit RSA allowed: the persisted ETag is
         // dropped too, and the RSA key arrives.
         cp.clear_requests();
-        env.write_config(&config(ed_rsa_ecdsa, 1024));
+        env.write_config(config(ed_rsa_ecdsa, 1024));
         let agent = env.spawn();
         wait_keys(
             &env,
@@ -377,7 +377,7 @@ async fn loopback_never_goes_through_a_proxy() {
             let config = subscribe_config(&env, &cp, "200ms", "60s", "1s")
                 .replace(&format!("127.0.0.1:{port}"), &format!("{host}:{port}"));
             assert!(config.contains(&format!("http://{host}:{port}/api/v0/ssh/events")));
-            env.write_config(&config);
+            env.write_config(config);
             let streams_before = cp.stats().streams_opened;
             let agent = env.spawn_with(|cmd| {
                 cmd.env_remove("NO_PROXY").env_remove("no_proxy");
@@ -531,7 +531,7 @@ async fn a_hub_that_accepts_and_drops_streams_gets_one_try_per_backoff_step() {
         let cp = cp2;
         let env = TestEnv::new();
         // Reconnects back off from 1 s (doubling, full jitter) up to 5 min.
-        env.write_config(&subscribe_config(&env, &cp, "1s", "60s", "5m"));
+        env.write_config(subscribe_config(&env, &cp, "1s", "60s", "5m"));
         let agent = env.spawn();
         assert!(
             eventually(DEADLINE, || !event_requests(&cp).is_empty()),
@@ -589,7 +589,7 @@ async fn an_event_every_millisecond_is_coalesced_into_few_fetches() {
         let cp = cp2;
         let env = TestEnv::new();
         // Polls and resyncs are a minute away: every fetch here is an event's.
-        env.write_config(&subscribe_config(&env, &cp, "60s", "60s", "5s"));
+        env.write_config(subscribe_config(&env, &cp, "60s", "60s", "5s"));
         let mut agent = start_subscribed(&env, &cp, &keys);
         std::thread::sleep(Duration::from_millis(500));
         cp.clear_requests();
@@ -651,7 +651,7 @@ async fn events_during_a_retry_after_wait_for_it_to_end() {
         let env = TestEnv::new();
         // interval 1 s (the backoff's base), max_backoff 5 s: a 429 with
         // Retry-After: 3 makes the agent wait 3 to 5 s.
-        env.write_config(&subscribe_config(&env, &cp, "1s", "60s", "5s"));
+        env.write_config(subscribe_config(&env, &cp, "1s", "60s", "5s"));
         let agent = start_subscribed(&env, &cp, &keys[..2]);
         std::thread::sleep(Duration::from_millis(500));
         cp.clear_requests();

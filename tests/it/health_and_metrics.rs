@@ -309,7 +309,7 @@ fn start_exporting(cp: &FakeControlPlane, keys: &[String]) -> Exporting {
     std::fs::create_dir(&dir).expect("collector dir");
     let textfile = dir.join("keysync.prom");
     let port = free_port();
-    env.write_config(&format!(
+    env.write_config(format!(
         "metrics_textfile = \"{}\"\nmetrics_listen = \"127.0.0.1:{port}\"\n{}",
         textfile.display(),
         Config::vast(&env, &cp.url())
