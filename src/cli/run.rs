@@ -16,15 +16,6 @@ pub fn main(config: &Path, once: bool, log_format: LogFormat) -> u8 {
         }
     };
     drop_supplementary_groups();
-    // Before anything else: one agent per state dir.
-    let _lock = match take_state_dir(&settings.state_dir) {
-        Ok(lock) => lock,
-        Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("keysync: {e}");
-            return EXIT_USAGE;
-        }
-    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(8)
@@ -37,14 +28,32 @@ pub fn main(config: &Path, once: bool, log_format: LogFormat) -> u8 {
             return EXIT_FAILED;
         }
     };
-    if once {
+    // SIGTERM/SIGINT are taken over first (a stop right after the start is
+    // then a clean stop, not the default action), then one agent per state dir.
+    let shutdown = if once {
+        None
+    } else {
+        match runtime.block_on(async { crate::agent::signals::shutdown() }) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("keysync: cannot handle signals: {e}");
+                return EXIT_FAILED;
+            }
+        }
+    };
+    let _lock = match take_state_dir(&settings.state_dir) {
+        Ok(lock) => lock,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("keysync: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let Some(shutdown) = shutdown else {
         let ok = runtime.block_on(crate::agent::run_once(settings));
         return if ok { EXIT_OK } else { EXIT_FAILED };
-    }
-    let daemon = async {
-        let shutdown = crate::agent::signals::shutdown()?;
-        crate::agent::run(settings, shutdown, crate::systemd::Notifier::from_env()).await
     };
+    let daemon = crate::agent::run(settings, shutdown, crate::systemd::Notifier::from_env());
     match runtime.block_on(daemon) {
         Ok(()) => EXIT_OK,
         Err(e) => {

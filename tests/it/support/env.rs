@@ -127,7 +127,19 @@ impl TestEnv {
         let mut status = 0;
         // SAFETY: rusage is plain old data; zeroed is a valid value.
         let mut usage: nix::libc::rusage = unsafe { std::mem::zeroed() };
+        // The child's own high-water mark (VmHWM of its memory after exec),
+        // read while it runs: wait4's ru_maxrss also counts the memory of
+        // this (large, multi-test) process from before the child's exec.
+        let mut peak_kib = 0i64;
+        let hwm = |pid: i32| -> Option<i64> {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        };
         loop {
+            if let Some(kib) = hwm(pid) {
+                peak_kib = peak_kib.max(kib);
+            }
             // SAFETY: pid is our own child, not yet reaped (std's Child never
             // waits unless asked); status and usage are valid out-pointers.
             let reaped =
@@ -148,7 +160,7 @@ impl TestEnv {
                     std::fs::read_to_string(&stderr_path).unwrap_or_default()
                 );
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(5));
         }
         drop(child);
         let code = if nix::libc::WIFEXITED(status) {
@@ -159,7 +171,11 @@ impl TestEnv {
         OnceResult {
             code,
             stderr: std::fs::read_to_string(&stderr_path).unwrap_or_default(),
-            max_rss_kib: usage.ru_maxrss,
+            max_rss_kib: if peak_kib > 0 {
+                peak_kib
+            } else {
+                usage.ru_maxrss
+            },
         }
     }
 
