@@ -250,3 +250,109 @@ async fn none_mode_with_fingerprint_argument() {
         run(Mode::None { fingerprint: true }).await;
     }
 }
+
+/// DESIGN.md §4 "Revoked keys": a key the platform copied into the user's
+/// own `authorized_keys` (outside the block) and that is also on the
+/// account is refused by a real sshd with the shipped `RevokedKeys` line
+/// once it is deleted on the account, through `AuthorizedKeysFile` and
+/// through the hook, while the other key logs in; re-added, it logs in
+/// again.
+fn revocation_scenario(s: &Scenario) {
+    let (cp, env) = (&s.cp, &s.env);
+    chmod(env.path(), 0o750);
+    let names = format!("ksr{}", std::process::id());
+    let user = TestUser::login_user(&names);
+    let hook_user = TestUser::hook_user(&format!("{names}k"));
+    let hook_binary = HookBinary::install();
+    let keys_dir = env.path().join("client-keys");
+    std::fs::create_dir(&keys_dir).expect("mkdir client-keys");
+    let copied = client_key(&keys_dir, "copied");
+    let other = client_key(&keys_dir, "other");
+    // The platform's copy, outside keysync's block.
+    user.write_by_hand("authorized_keys", &format!("{}\n", copied.public));
+    cp.set_keys([copied.public.clone(), other.public.clone()]);
+    env.write_config(agent_config(env, &cp.url(), &user.name, Mode::Block));
+    sync(env, "both keys on the account");
+
+    let state = env.state_dir();
+    let revoked = format!("RevokedKeys {}\n", state.join("revoked_keys").display());
+    let start = |name: &str, keys: String| {
+        let dir = env.path().join(name);
+        std::fs::create_dir(&dir).expect("sshd dir");
+        Sshd::start(
+            &dir,
+            &base_config(&dir, &user.name, &format!("{keys}{revoked}")),
+        )
+    };
+    let mut by_file = start(
+        "by-file",
+        "AuthorizedKeysFile .ssh/authorized_keys\n".into(),
+    );
+    let mut by_hook = start(
+        "by-hook",
+        format!(
+            "AuthorizedKeysFile none\n\
+             AuthorizedKeysCommand {} authorized-keys --state-dir {} %u %f\n\
+             AuthorizedKeysCommandUser {}\n",
+            hook_binary.path().display(),
+            state.display(),
+            hook_user.name,
+        ),
+    );
+    let name = &user.name;
+    for (sshd, how) in [
+        (&mut by_file, "authorized_keys"),
+        (&mut by_hook, "the hook"),
+    ] {
+        sshd.assert_logs_in(
+            name,
+            &copied,
+            &format!("the copied key on the account, through {how}"),
+        );
+        sshd.assert_logs_in(name, &other, &format!("the other key, through {how}"));
+    }
+
+    assert!(cp.remove_key(&copied.public), "the fake had the key");
+    sync(env, "the copied key deleted on the account");
+    let content = std::fs::read_to_string(user.home.join(".ssh/authorized_keys")).expect("read");
+    assert!(
+        content.starts_with(&format!("{}\n", copied.public)),
+        "the platform's line is the platform's: kept\n{content}"
+    );
+    for (sshd, how) in [
+        (&mut by_file, "authorized_keys"),
+        (&mut by_hook, "the hook"),
+    ] {
+        sshd.assert_refused(
+            name,
+            &copied,
+            &format!("the deleted key, copied outside the block, through {how}"),
+        );
+        sshd.assert_logs_in(
+            name,
+            &other,
+            &format!("the key still on the account, through {how}"),
+        );
+    }
+
+    cp.add_key(&copied.public);
+    sync(env, "the copied key back on the account");
+    for (sshd, how) in [
+        (&mut by_file, "authorized_keys"),
+        (&mut by_hook, "the hook"),
+    ] {
+        sshd.assert_logs_in(
+            name,
+            &copied,
+            &format!("the key back on the account, through {how}"),
+        );
+    }
+    drop(hook_binary);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_key_is_refused_everywhere_also_where_another_tool_copied_it() {
+    if sshd_can_run("a_deleted_key_is_refused_everywhere_also_where_another_tool_copied_it") {
+        with_no_keys(move |s| revocation_scenario(&s)).await;
+    }
+}
