@@ -13,33 +13,18 @@
 use std::time::{Duration, Instant};
 
 use crate::support::agent::Agent;
-use crate::support::block::block_keys;
 use crate::support::config::Config;
 use crate::support::env::TestEnv;
 use crate::support::fake_cp::{Endpoint, FakeControlPlane, Fault, RequestRecord, gen_ed25519_keys};
-use crate::support::{blocking, eventually};
-
-/// Generous deadline for "eventually" conditions on a loaded 2-core machine.
-const DEADLINE: Duration = Duration::from_secs(20);
-
-/// The last lines of the agent's log above debug level, for failure messages.
-fn log_tail(agent: &Agent) -> String {
-    let log = agent.log_text();
-    let lines: Vec<&str> = log.lines().filter(|l| !l.contains("DEBUG")).collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
-fn keys_now(env: &TestEnv) -> Vec<String> {
-    block_keys(&env.read_target().unwrap_or_default())
-}
+use crate::support::{DEADLINE, blocking, eventually};
 
 /// Waits until the block holds exactly `want` (in order).
 fn wait_block(env: &TestEnv, agent: &Agent, want: &[String], what: &str) {
     assert!(
-        eventually(DEADLINE, || keys_now(env) == want),
+        eventually(DEADLINE, || env.block_keys() == want),
         "{what}: the block never became {want:#?}\nfile: {:?}\nagent log:\n{}",
         env.read_target(),
-        log_tail(agent)
+        agent.log_tail()
     );
 }
 
@@ -115,7 +100,7 @@ async fn no_retry_after_holds_up_a_revocation_past_max_backoff() {
         assert!(
             log.contains("max_backoff"),
             "no log line tells that Retry-After was capped at max_backoff:\n{}",
-            log_tail(&agent)
+            agent.log_tail()
         );
     })
     .await;
@@ -217,10 +202,10 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
 fn wait_keys(env: &TestEnv, agent: &Agent, want: &[&str], what: &str) {
     let want = sorted(want.iter().map(|k| k.to_string()).collect());
     assert!(
-        eventually(DEADLINE, || sorted(keys_now(env)) == want),
+        eventually(DEADLINE, || sorted(env.block_keys()) == want),
         "{what}: the block never became {want:#?}\nfile: {:?}\nagent log:\n{}",
         env.read_target(),
-        log_tail(agent)
+        agent.log_tail()
     );
 }
 
@@ -250,7 +235,7 @@ async fn a_loosened_policy_brings_in_keys_of_an_unchanged_list() {
         assert!(
             eventually(DEADLINE, || cp.stats().not_modified >= 2),
             "no conditional polls; log:\n{}",
-            log_tail(&agent)
+            agent.log_tail()
         );
 
         // A reload allows ECDSA: the list is the same, the key arrives.
@@ -406,7 +391,7 @@ async fn loopback_never_goes_through_a_proxy() {
             assert!(
                 eventually(DEADLINE, || cp.stats().streams_opened > streams_before),
                 "the stream at {host} never opened; log:\n{}",
-                log_tail(&agent)
+                agent.log_tail()
             );
             // An event on the stream, through the same client rules.
             if host == "127.0.0.1" {
@@ -435,7 +420,7 @@ async fn loopback_never_goes_through_a_proxy() {
         assert!(
             eventually(DEADLINE, || !proxy.seen().is_empty()),
             "an https source ignored HTTPS_PROXY; log:\n{}",
-            log_tail(&agent)
+            agent.log_tail()
         );
         let seen = proxy.seen();
         assert!(
@@ -536,7 +521,7 @@ async fn a_hub_that_accepts_and_drops_streams_gets_one_try_per_backoff_step() {
         assert!(
             eventually(DEADLINE, || !event_requests(&cp).is_empty()),
             "the agent never opened the stream; log:\n{}",
-            log_tail(&agent)
+            agent.log_tail()
         );
         let first = event_requests(&cp)[0].at;
         let window = Duration::from_secs(15);
@@ -554,7 +539,7 @@ async fn a_hub_that_accepts_and_drops_streams_gets_one_try_per_backoff_step() {
             tries.len() <= 8,
             "{} stream connections in {window:?}: a storm ({tries:?}); log:\n{}",
             tries.len(),
-            log_tail(&agent)
+            agent.log_tail()
         );
         assert!(agent_alive(agent));
     })
@@ -572,7 +557,7 @@ fn start_subscribed(env: &TestEnv, cp: &FakeControlPlane, want: &[String]) -> Ag
     assert!(
         eventually(DEADLINE, || cp.open_streams() >= 1),
         "stream not connected; log:\n{}",
-        log_tail(&agent)
+        agent.log_tail()
     );
     agent
 }
@@ -664,7 +649,7 @@ async fn events_during_a_retry_after_wait_for_it_to_end() {
                 .iter()
                 .any(|r| r.status == Some(429))),
             "the event's fetch never came; log:\n{}",
-            log_tail(&agent)
+            agent.log_tail()
         );
         let limited = cp
             .requests()
@@ -690,7 +675,7 @@ async fn events_during_a_retry_after_wait_for_it_to_end() {
                 .first()
                 .is_some_and(|d| *d >= Duration::from_millis(2900)),
             "a fetch during the 3 s Retry-After: {after:?}; log:\n{}",
-            log_tail(&agent)
+            agent.log_tail()
         );
     })
     .await;

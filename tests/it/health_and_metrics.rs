@@ -11,26 +11,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::support::agent::Agent;
-use crate::support::block::block_keys;
 use crate::support::config::Config;
 use crate::support::env::TestEnv;
 use crate::support::fake_cp::{FakeControlPlane, gen_ed25519_keys};
-use crate::support::{blocking, eventually};
+use crate::support::{DEADLINE, blocking, eventually};
 use tokio::io::AsyncReadExt;
-
-/// Generous deadline for "eventually" conditions on a loaded 2-core machine.
-const DEADLINE: Duration = Duration::from_secs(20);
-
-/// The last lines of the agent's log above debug level, for failure messages.
-fn log_tail(agent: &Agent) -> String {
-    let log = agent.log_text();
-    let lines: Vec<&str> = log.lines().filter(|l| !l.contains("DEBUG")).collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
-}
-
-fn keys_now(env: &TestEnv) -> Vec<String> {
-    block_keys(&env.read_target().unwrap_or_default())
-}
 
 /// `GET path` on the health socket: (status line, whole answer), or None
 /// when the agent did not answer within 2 s.
@@ -104,9 +89,9 @@ async fn idle_connections_stall_neither_the_sync_nor_healthz() {
         blocking(move || {
             let agent = agent.lock().expect("agent");
             assert!(
-                eventually(DEADLINE, || keys_now(&env) == keys),
+                eventually(DEADLINE, || env.block_keys() == keys),
                 "no first sync; log:\n{}",
-                log_tail(&agent)
+                agent.log_tail()
             );
             let (soft, hard) = nofile_limits(agent.pid());
             assert_eq!(
@@ -169,16 +154,16 @@ async fn idle_connections_stall_neither_the_sync_nor_healthz() {
         blocking(move || {
             let agent = agent.lock().expect("agent");
             assert!(
-                eventually(DEADLINE, || keys_now(&env) == keys[1..]),
+                eventually(DEADLINE, || env.block_keys() == keys[1..]),
                 "the deletion did not land while idle clients held the socket; log:\n{}",
-                log_tail(&agent)
+                agent.log_tail()
             );
             let asked = Instant::now();
             assert!(
                 eventually(DEADLINE, || health_get(&env.socket(), "/healthz")
                     .is_some_and(|(status, _)| status.contains(" 200 "))),
                 "/healthz never answered a new client; log:\n{}",
-                log_tail(&agent)
+                agent.log_tail()
             );
             eprintln!("/healthz answered a new client after {:?}", asked.elapsed());
         })
@@ -316,9 +301,9 @@ fn start_exporting(cp: &FakeControlPlane, keys: &[String]) -> Exporting {
     ));
     let agent = env.spawn();
     assert!(
-        eventually(DEADLINE, || keys_now(&env) == keys),
+        eventually(DEADLINE, || env.block_keys() == keys),
         "no first sync; log:\n{}",
-        log_tail(&agent)
+        agent.log_tail()
     );
     Exporting {
         env,
@@ -346,7 +331,7 @@ async fn the_textfile_and_metrics_listen_carry_the_metrics() {
             eventually(DEADLINE, || std::fs::read_to_string(&x.textfile)
                 .is_ok_and(|t| sample(&t, keys_of_root) == Some(3.0))),
             "no textfile with 3 keys for root; log:\n{}",
-            log_tail(&x.agent)
+            x.agent.log_tail()
         );
         let text = std::fs::read_to_string(&x.textfile).expect("textfile");
         assert_prometheus_text(&text, "metrics_textfile");
@@ -361,7 +346,7 @@ async fn the_textfile_and_metrics_listen_carry_the_metrics() {
             eventually(DEADLINE, || std::fs::read_to_string(&x.textfile)
                 .is_ok_and(|t| sample(&t, keys_of_root) == Some(2.0))),
             "the textfile did not follow the removal; log:\n{}",
-            log_tail(&x.agent)
+            x.agent.log_tail()
         );
         let dir = x.textfile.parent().expect("dir");
         let names: Vec<String> = std::fs::read_dir(dir)
@@ -444,7 +429,7 @@ async fn promtool_accepts_every_form_of_the_metrics() {
         assert!(
             eventually(DEADLINE, || x.textfile.exists()),
             "no textfile; log:\n{}",
-            log_tail(&x.agent)
+            x.agent.log_tail()
         );
         let (_, socket_answer) = health_get(&x.env.socket(), "/metrics").expect("health socket");
         let socket_text = socket_answer
