@@ -95,8 +95,7 @@ impl Revocation {
 
     /// Revokes the candidates no source grants and no user's files hold,
     /// forgets what is past `retention`, and writes the file if it changed.
-    /// True when keys were newly revoked (other writers' files may now hold
-    /// copies of them).
+    /// Copies in other writers' lines are counted at the user's next write.
     pub(crate) fn settle(
         &mut self,
         state: &StateDir,
@@ -104,9 +103,8 @@ impl Revocation {
         sources: &[&str],
         users: &[&str],
         retention: Duration,
-    ) -> bool {
+    ) {
         let now = SystemTime::now();
-        let mut grew = false;
         if !self.candidates.is_empty() {
             let granted: HashSet<String> = sources
                 .iter()
@@ -132,7 +130,6 @@ impl Revocation {
                 tracing::info!(fingerprint = %fingerprint, "key {fingerprint} was deleted on the account; revoked for sshd everywhere on this machine");
                 self.revoked.insert(id, at);
                 self.unsaved = true;
-                grew = true;
             }
         }
         let oldest = unix_ms(now.checked_sub(retention).unwrap_or(UNIX_EPOCH));
@@ -140,7 +137,6 @@ impl Revocation {
         self.revoked.retain(|_, at| *at >= oldest);
         self.unsaved |= self.revoked.len() != before;
         self.save(state);
-        grew
     }
 
     fn save(&mut self, state: &StateDir) {
