@@ -274,6 +274,7 @@ mod tests {
             files: vec![],
             state_dir: PathBuf::from("/tmp"),
             health_socket: PathBuf::from("/tmp/s"),
+            refresh_min_interval: Duration::from_secs(5),
             sources: [
                 ("a".to_string(), source("a")),
                 ("b".to_string(), source("b")),

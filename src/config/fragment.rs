@@ -14,11 +14,16 @@ use serde::Deserialize;
 pub(super) struct Fragment {
     pub(super) state_dir: Option<Spanned<PathBuf>>,
     pub(super) health_socket: Option<Spanned<PathBuf>>,
+    pub(super) refresh_min_interval: Option<Spanned<String>>,
     #[serde(default)]
     pub(super) sources: BTreeMap<String, SourceFragment>,
     #[serde(default)]
     pub(super) users: Vec<UserFragment>,
     pub(super) policy: Option<PolicyFragment>,
+    /// The file that set `refresh_min_interval` (the one top-level value
+    /// that is checked beyond its type), for error lines.
+    #[serde(skip)]
+    pub(super) origin: Option<PathBuf>,
 }
 
 pub(super) type Spanned<T> = toml::Spanned<T>;
@@ -102,6 +107,7 @@ pub(super) fn at_of<'a>(files: &[(&'a Path, &'a str)], origin: &Option<PathBuf>)
 impl Fragment {
     /// Records which file each mergeable piece came from.
     pub(super) fn tag(&mut self, path: &Path) {
+        self.origin = Some(path.to_path_buf());
         for source in self.sources.values_mut() {
             source.origin = Some(path.to_path_buf());
         }
@@ -120,6 +126,10 @@ impl Fragment {
         }
         if later.health_socket.is_some() {
             self.health_socket = later.health_socket;
+        }
+        if later.refresh_min_interval.is_some() {
+            self.refresh_min_interval = later.refresh_min_interval;
+            self.origin = later.origin;
         }
         for (name, src) in later.sources {
             match self.sources.get_mut(&name) {
