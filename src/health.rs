@@ -1,6 +1,6 @@
 //! The health socket (DESIGN.md §8): HTTP/1.1 on a Unix socket, mode 0660,
-//! group `keysync` when it exists. `/healthz`, `/readyz`, `/status` (JSON)
-//! and `/metrics` (Prometheus text). `/healthz` reports on the writer loop's
+//! group `keysync` when it exists. `/healthz`, `/readyz`, `/status` (JSON),
+//! `/metrics` (Prometheus text) and `POST /refresh` (src/refresh.rs). `/healthz` reports on the writer loop's
 //! heartbeat (the loop that does the work), so a hung agent answers 503
 //! although this server still runs. Nothing it serves holds a secret: the
 //! status carries no API key and URLs are not part of it.
@@ -11,11 +11,12 @@ use std::path::Path;
 use axum::Router;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::board::Board;
+use crate::refresh::Requests;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum HealthError {
@@ -85,9 +86,13 @@ pub(crate) fn cleanup(path: &Path) {
     }
 }
 
-/// The routes, over the shared status.
-pub(crate) fn router(shared: Board) -> Router {
+/// The routes, over the shared status; `POST /refresh` asks the writer.
+pub(crate) fn router(shared: Board, refresh: Requests) -> Router {
     Router::new()
+        .route(
+            "/refresh",
+            post(move || crate::refresh::handle(refresh.clone())),
+        )
         .route(
             "/healthz",
             get({
@@ -152,8 +157,13 @@ fn metrics(shared: &Board, headers: &HeaderMap) -> Response {
 }
 
 /// Serves until cancelled.
-pub(crate) async fn serve(listener: UnixListener, shared: Board, cancel: CancellationToken) {
-    let app = router(shared);
+pub(crate) async fn serve(
+    listener: UnixListener,
+    shared: Board,
+    refresh: Requests,
+    cancel: CancellationToken,
+) {
+    let app = router(shared, refresh);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { cancel.cancelled().await })
         .await;

@@ -24,6 +24,7 @@ pub(crate) mod health; // the Unix-socket HTTP server: healthz, readyz, status, 
 pub mod keys; // parsing, policy, dedup (pure)
 pub(crate) mod logging; // tracing setup: journald under systemd, stderr otherwise
 pub(crate) mod metrics; // the Prometheus registry and its text formats
+pub(crate) mod refresh; // POST /refresh: the login-triggered refresh's request, reply and HTTP answer
 pub mod render; // key sets -> file bytes: managed block, fragment, cache (pure)
 pub mod source; // the KeySource trait, the list formats and the source kinds
 pub(crate) mod state; // last-good answers and per-user caches in state_dir

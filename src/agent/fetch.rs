@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::report::{FailureKind, FetchReport, Fetched, Report};
+use super::report::{FailureKind, FetchReport, Fetched, Report, RoundPart};
 use crate::backoff::{backoff, draw, jittered};
 use crate::config::SourceSettings;
 use crate::keys::{self, Policy};
@@ -79,6 +79,8 @@ pub(crate) struct Inputs {
     pub(crate) nudge: mpsc::Receiver<()>,
     /// Whether the subscription stream is up; never changes without one.
     pub(crate) stream: watch::Receiver<bool>,
+    /// The number of the latest login-triggered refresh round (DESIGN.md §3).
+    pub(crate) refresh: watch::Receiver<u64>,
 }
 
 /// Runs one source's loop until cancelled or the writer is gone.
@@ -93,6 +95,7 @@ pub(crate) async fn source_loop(
         etag,
         mut nudge,
         mut stream,
+        mut refresh,
     } = inputs;
     let name = settings.name.clone();
     let mut source: Option<Box<dyn KeySource>> = None;
@@ -109,6 +112,9 @@ pub(crate) async fn source_loop(
     };
     // The first fetch after start is immediate.
     let mut next = tokio::time::Instant::now();
+    // The refresh round the next fetch serves (its part is reported after
+    // the fetch's own report, so the writer answers once it is written).
+    let mut round: Option<u64> = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -129,6 +135,22 @@ pub(crate) async fn source_loop(
                 }
                 continue;
             }
+            Ok(()) = refresh.changed() => {
+                let asked = *refresh.borrow_and_update();
+                // A refresh never shortens a backoff or a Retry-After.
+                if failures > 0 {
+                    let part = Report::Refresh { source: name.clone(), round: asked, part: RoundPart::InBackoff };
+                    if reports.send(part).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                round = Some(asked);
+            }
+        }
+        // Whatever woke this fetch, it also serves a round announced meanwhile.
+        if refresh.has_changed().unwrap_or(false) {
+            round = Some(*refresh.borrow_and_update());
         }
         if source.is_none() {
             match source::build(&settings, etag.take()) {
@@ -142,7 +164,9 @@ pub(crate) async fn source_loop(
                     };
                     failures = failures.saturating_add(1);
                     next = after(backoff_after(failures, None));
-                    if reports.send(Report::Fetched(report)).await.is_err() {
+                    if reports.send(Report::Fetched(report)).await.is_err()
+                        || !report_part(&reports, &name, round.take(), RoundPart::Failed).await
+                    {
                         return;
                     }
                     continue;
@@ -172,8 +196,31 @@ pub(crate) async fn source_loop(
             }
         };
         next = after(delay);
-        if reports.send(Report::Fetched(report)).await.is_err() {
+        let part = match report.fetched {
+            Fetched::Failed { .. } => RoundPart::Failed,
+            _ => RoundPart::Answered,
+        };
+        if reports.send(Report::Fetched(report)).await.is_err()
+            || !report_part(&reports, &name, round.take(), part).await
+        {
             return;
         }
     }
+}
+
+/// Reports this source's part in a refresh round, if the fetch served one;
+/// false when the writer is gone.
+async fn report_part(
+    reports: &mpsc::Sender<Report>,
+    source: &str,
+    round: Option<u64>,
+    part: RoundPart,
+) -> bool {
+    let Some(round) = round else { return true };
+    let report = Report::Refresh {
+        source: source.to_string(),
+        round,
+        part,
+    };
+    reports.send(report).await.is_ok()
 }

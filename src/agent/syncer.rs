@@ -234,6 +234,8 @@ impl Syncer {
                 }
                 Vec::new()
             }
+            // The writer answers the refresh's waiters; nothing to sync.
+            Report::Refresh { .. } => Vec::new(),
         }
     }
 
