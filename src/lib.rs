@@ -17,6 +17,7 @@
 pub mod agent; // the tasks: fetch loops, the writer, watches, signals, `run --once`
 pub(crate) mod backoff; // waits between fetches: jitter and full-jitter backoff (pure)
 pub mod board; // the published status, the metrics and the writer's heartbeat
+pub(crate) mod cache_index; // the fingerprint index beside each hook cache
 pub mod cli; // one file per subcommand
 pub mod config; // fragments -> merged -> validated Settings
 pub(crate) mod engine; // per-user desired state, mass-removal confirmation, staleness (pure)

@@ -390,6 +390,7 @@ impl Syncer {
             Ok(_) => wrote_any = true,
             Err(e) => return Err(format!("cache: {}", error_chain(&e))),
         }
+        self.state.save_index(name, &lines, keys);
         let spec = users::home_file_spec(user, &account);
         let home = match (&spec, user.write) {
             (Some(spec), WriteMode::Block) => {
