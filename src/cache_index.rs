@@ -16,10 +16,13 @@
 //! (device, inode, size, modification time) after its rename. The agent
 //! writes the cache first and then the index, each atomically; the hook uses
 //! the index only when the identity matches the cache it opened, and then
-//! reads the line from that cache, at the offset given, and checks its
-//! fingerprint. So an index that is stale (a write in progress, a failed
-//! write) is never believed: the hook falls back to reading the whole cache,
-//! and the index can never make the hook print a line the cache does not hold.
+//! reads the line from that cache, at the offset given, checking that it is
+//! one whole line. So an index that is stale (a write in progress, a failed
+//! write) is not believed: the hook falls back to reading the whole cache.
+//! And whatever an index says, the hook prints only lines of the cache it
+//! opened, keys the agent grants; sshd checks the offered key against what
+//! is printed. An index cannot let a key in, only (were it wrong while its
+//! identity matched) keep one out.
 
 use std::fs::{File, Metadata};
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -122,7 +125,7 @@ pub(crate) fn render<'a>(
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Lookup {
     /// The cache line (with its newline) the index points at, read from
-    /// `cache`; the caller checks that it carries the fingerprint.
+    /// `cache`.
     Line(Vec<u8>),
     /// The cache has no key with this fingerprint.
     Absent,
@@ -197,10 +200,18 @@ fn read_line(cache: &File, meta: &Metadata, record: &[u8; RECORD_LEN]) -> Lookup
     if len == 0 || offset.saturating_add(len as u64) > meta.size() {
         return Lookup::Unusable;
     }
-    let mut line = vec![0u8; len];
-    if cache.read_exact_at(&mut line, offset).is_err() || line.last() != Some(&b'\n') {
+    // With the byte before it, to check that it is a whole line.
+    let before = usize::from(offset > 0);
+    let mut line = vec![0u8; len + before];
+    if cache
+        .read_exact_at(&mut line, offset - before as u64)
+        .is_err()
+        || line.last() != Some(&b'\n')
+        || (before == 1 && line[0] != b'\n')
+    {
         return Lookup::Unusable;
     }
+    line.drain(..before);
     Lookup::Line(line)
 }
 
@@ -267,6 +278,31 @@ mod tests {
             lookup(&index, &new, &new_meta, sha256_part(&f).unwrap()),
             Lookup::Unusable
         );
+        // Pointing into the middle of a line, or past the end.
+        let two = write(
+            dir.path(),
+            "two.keys",
+            b"ssh-ed25519 AAAA1 a\nssh-ed25519 AAAA2 b\n",
+        );
+        let two_meta = two.metadata().unwrap();
+        let lines = vec![
+            "ssh-ed25519 AAAA1".to_string(),
+            "a\nssh-ed25519 AAAA2 b".to_string(),
+        ];
+        let index = render(
+            Identity::of(&two_meta),
+            &lines,
+            [fpr(1).as_str(), fpr(2).as_str()],
+        )
+        .unwrap();
+        let index = write(dir.path(), "two.fpr", &index);
+        for f in [fpr(1), fpr(2)] {
+            assert_eq!(
+                lookup(&index, &two, &two_meta, sha256_part(&f).unwrap()),
+                Lookup::Unusable,
+                "{f}"
+            );
+        }
         // Damaged: truncated, or not an index at all.
         let short = write(dir.path(), "short.fpr", &[b' '; 10]);
         assert_eq!(

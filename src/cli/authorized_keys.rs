@@ -148,11 +148,13 @@ fn find(state_dir: &Path, user: &str, fpr: &str, wanted: &[u8]) -> std::io::Resu
     };
     let meta = cache.metadata()?;
     if let Ok(index) = File::open(crate::state::index_path(state_dir, user)) {
+        // Not parsed again: the line comes from the cache that was opened,
+        // so it is a key the agent grants, and sshd itself checks that the
+        // key it was offered is the one printed.
         match cache_index::lookup(&index, &cache, &meta, wanted) {
             Lookup::Absent => return Ok(Found::Absent),
-            // The line comes from the cache itself; its key must be the one.
-            Lookup::Line(line) if filter(&line, fpr) == line => return Ok(Found::Lines(line)),
-            Lookup::Line(_) | Lookup::Unusable => {}
+            Lookup::Line(line) => return Ok(Found::Lines(line)),
+            Lookup::Unusable => {}
         }
     }
     let mut content = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
