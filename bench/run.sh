@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark suite of DESIGN.md §9, in one command:
 #
-#   bash bench/run.sh              # everything, ~15 min; rewrites the results in docs/benchmarks.md
+#   bash bench/run.sh              # everything, ~25 min; rewrites the results in docs/benchmarks.md
 #   bash bench/run.sh fleet idle   # only these parts; results to target/bench-results.md
 #
 # Parts (each compares with a baseline measured in the same run):
@@ -9,6 +9,8 @@
 #   propagation  a. control-plane change -> renamed file, subscribe and poll (benches/propagation.rs)
 #   idle         d. idle RSS, CPU and wake-ups over 60 s; binary size (benches/idle.rs)
 #   hook         the AuthorizedKeysCommand against cat (bench/hook.sh, when present)
+#   login        f. key saved on the account -> working ssh login, with and without the
+#                   login-triggered refresh; real sshd, needs root (benches/login.rs)
 #   fleet        b. 1,000 agents (as many as memory allows, ≥ 200) against one control plane,
 #                   with a 30 s outage (benches/fleet.rs)
 #
@@ -21,7 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-all=(sync_pass propagation idle hook fleet)
+all=(sync_pass propagation idle hook login fleet)
 if [ $# -gt 0 ]; then parts=("$@"); else parts=("${all[@]}"); fi
 for p in "${parts[@]}"; do
     case " ${all[*]} " in *" $p "*) ;; *) echo "unknown part: $p (one of: ${all[*]})" >&2; exit 2 ;; esac

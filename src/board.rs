@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
-use crate::status::{Status, unix_now};
+use crate::status::{RefreshStatus, Status, unix_now};
 
 /// How often the writer loop beats when systemd asks for no watchdog.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
@@ -65,13 +65,23 @@ impl Board {
         }
     }
 
-    /// Replaces the status document (the writer only). The start time and
-    /// version stay the board's.
+    /// Replaces the status document (the writer only). The start time,
+    /// version and refresh counts stay the board's.
     pub fn publish(&self, mut status: Status) {
         self.status.send_modify(|current| {
             status.version.clone_from(&current.version);
             status.started_at = current.started_at;
+            status.refresh = std::mem::take(&mut current.refresh);
             *current = status;
+        });
+    }
+
+    /// Replaces the login-triggered refresh counts (the writer only).
+    pub(crate) fn publish_refresh(&self, refresh: RefreshStatus) {
+        self.status.send_if_modified(|current| {
+            let changed = current.refresh != refresh;
+            current.refresh = refresh;
+            changed
         });
     }
 

@@ -493,6 +493,7 @@ mod tests {
             health_socket: PathBuf::from("/tmp/s"),
             metrics_textfile: None,
             metrics_listen: None,
+            refresh_min_interval: Duration::from_secs(5),
             sources: [
                 ("a".to_string(), source("a")),
                 ("b".to_string(), source("b")),

@@ -1,6 +1,6 @@
 //! The health socket (DESIGN.md §8): HTTP/1.1 on a Unix socket, mode 0660,
-//! group `keysync` when it exists. `/healthz`, `/readyz`, `/status` (JSON)
-//! and `/metrics` (Prometheus text). `/healthz` reports on the writer loop's
+//! group `keysync` when it exists. `/healthz`, `/readyz`, `/status` (JSON),
+//! `/metrics` (Prometheus text) and `POST /refresh` (src/refresh.rs). `/healthz` reports on the writer loop's
 //! heartbeat (the loop that does the work), so a hung agent answers 503
 //! although this server still runs. Nothing it serves holds a secret: the
 //! status carries no API key and URLs are not part of it.
@@ -11,11 +11,12 @@ use std::path::Path;
 use axum::Router;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::board::Board;
+use crate::refresh::Requests;
 
 pub(crate) mod serve;
 
@@ -87,9 +88,13 @@ pub(crate) fn cleanup(path: &Path) {
     }
 }
 
-/// The routes, over the shared status.
-pub(crate) fn router(shared: Board) -> Router {
+/// The routes, over the shared status; `POST /refresh` asks the writer.
+pub(crate) fn router(shared: Board, refresh: Requests) -> Router {
     Router::new()
+        .route(
+            "/refresh",
+            post(move || crate::refresh::handle(refresh.clone())),
+        )
         .route(
             "/healthz",
             get({
@@ -154,6 +159,11 @@ pub(crate) fn metrics(shared: &Board, headers: &HeaderMap) -> Response {
 }
 
 /// Serves until cancelled, within the bounds of [`serve::serve`].
-pub(crate) async fn serve(listener: UnixListener, shared: Board, cancel: CancellationToken) {
-    serve::serve(listener, router(shared), "health socket", cancel).await;
+pub(crate) async fn serve(
+    listener: UnixListener,
+    shared: Board,
+    refresh: Requests,
+    cancel: CancellationToken,
+) {
+    serve::serve(listener, router(shared, refresh), "health socket", cancel).await;
 }

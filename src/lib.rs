@@ -17,6 +17,7 @@
 pub mod agent; // the tasks: fetch loops, the writer, watches, signals, `run --once`
 pub(crate) mod backoff; // waits between fetches: jitter and full-jitter backoff (pure)
 pub mod board; // the published status, the metrics and the writer's heartbeat
+pub(crate) mod cache_index; // the fingerprint index beside each hook cache
 pub mod cli; // one file per subcommand
 pub mod config; // fragments -> merged -> validated Settings
 pub(crate) mod engine; // per-user desired state, mass-removal confirmation, staleness (pure)
@@ -26,6 +27,7 @@ pub mod keys; // parsing, policy, dedup (pure)
 pub mod lock; // one agent per state dir
 pub(crate) mod logging; // tracing setup: journald under systemd, stderr otherwise
 pub(crate) mod metrics; // the Prometheus registry and its text formats
+pub(crate) mod refresh; // POST /refresh: the login-triggered refresh's request, reply and HTTP answer
 pub mod render; // key sets -> file bytes: managed block, fragment, cache (pure)
 pub mod source; // the KeySource trait, the list formats and the source kinds
 pub(crate) mod state; // last-good answers and per-user caches in state_dir

@@ -37,9 +37,17 @@ fn run() -> c_int {
     let args: Vec<OsString> = std::env::args_os().collect();
     // The login path: skip clap when the arguments are the plain ones sshd passes.
     if args.get(1).is_some_and(|a| a == "authorized-keys")
-        && let Some((state_dir, user, fpr)) = authorized_keys::fast_args(&args[2..])
+        && let Some(hook) = authorized_keys::fast_args(&args[2..])
     {
-        return c_int::from(authorized_keys::main(&state_dir, &user, fpr.as_deref()));
+        let socket = hook.socket.as_deref();
+        let socket = socket.unwrap_or(std::path::Path::new(authorized_keys::DEFAULT_SOCKET));
+        let fpr = hook.fingerprint.as_deref();
+        return c_int::from(authorized_keys::main(
+            &hook.state_dir,
+            socket,
+            &hook.user,
+            fpr,
+        ));
     }
     let code = cli::dispatch(cli::Cli::parse_from(args));
     // std's runtime would flush at exit; C's exit does not know Rust's buffer.

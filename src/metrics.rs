@@ -35,6 +35,16 @@ pub struct UserLabels {
     pub user: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefreshLabels {
+    /// served, rate_limited, backoff, failed, off (see [`crate::status::RefreshStatus`]).
+    pub result: String,
+}
+
+/// Every `result` label value of `keysync_refresh_total`.
+pub(crate) const REFRESH_RESULTS: [&str; 5] =
+    ["served", "rate_limited", "backoff", "failed", "off"];
+
 /// The Prometheus metrics of DESIGN.md §8, owned by the agent (no globals).
 pub struct Metrics {
     registry: Registry,
@@ -45,6 +55,8 @@ pub struct Metrics {
     pub drift_repairs_total: Family<UserLabels, Counter>,
     pub fetch_duration: Family<SourceLabels, Histogram>,
     pub revoked_copies: Family<UserLabels, Gauge>,
+    /// Login-triggered refresh requests by what they got.
+    pub refresh_total: Family<RefreshLabels, Counter>,
     /// The sources and users whose series are currently exported.
     exported: Mutex<Exported>,
 }
@@ -87,6 +99,18 @@ impl Default for Metrics {
             "Lines of other writers in the user's file that carry a key deleted on the account",
             revoked_copies.clone(),
         );
+        let refresh_total = Family::<RefreshLabels, Counter>::default();
+        // Every result exists from the start, at 0.
+        for result in REFRESH_RESULTS {
+            drop(refresh_total.get_or_create(&RefreshLabels {
+                result: result.to_string(),
+            }));
+        }
+        registry.register(
+            "refresh",
+            "Login-triggered refresh requests (POST /refresh) by result",
+            refresh_total.clone(),
+        );
         Metrics {
             registry,
             fetch_total,
@@ -96,6 +120,7 @@ impl Default for Metrics {
             drift_repairs_total,
             fetch_duration,
             revoked_copies,
+            refresh_total,
             exported: Mutex::default(),
         }
     }
@@ -299,5 +324,31 @@ mod tests {
         );
         let text = metrics.text(&Status::default(), false);
         assert!(!text.contains("alice") && !text.contains("acct"), "{text}");
+    }
+
+    #[test]
+    fn refresh_results_are_exported_from_the_start() {
+        let metrics = Metrics::default();
+        metrics
+            .refresh_total
+            .get_or_create(&RefreshLabels {
+                result: "served".into(),
+            })
+            .inc();
+        let text = metrics.text(&Status::default(), false);
+        assert!(
+            text.contains("# TYPE keysync_refresh_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("keysync_refresh_total{result=\"served\"} 1\n"),
+            "{text}"
+        );
+        for result in REFRESH_RESULTS.iter().filter(|r| **r != "served") {
+            assert!(
+                text.contains(&format!("keysync_refresh_total{{result=\"{result}\"}} 0\n")),
+                "{text}"
+            );
+        }
     }
 }

@@ -11,6 +11,9 @@
 //! - `written.json`: what the agent last wrote for each user (mode, file),
 //!   so a start after a config change removes what the new config no longer
 //!   asks for.
+//! - `users/<user>.fpr`: beside it, the index of its lines by fingerprint
+//!   (src/cache_index.rs), written after the cache; the hook believes it
+//!   only while it names the cache file it opened.
 //!
 //! Persisted keys are validated again on load with the current policy, so a
 //! tampered or older state file cannot bring in a key the policy refuses.
@@ -25,6 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use nix::unistd::{Gid, Group, Uid};
 use serde::{Deserialize, Serialize};
 
+use crate::cache_index::{self, Identity};
 use crate::keys::{KeySet, Policy, parse_entries};
 use crate::write::{self, FileSpec, Outcome, WriteError};
 
@@ -113,6 +117,10 @@ impl StateDir {
         cache_path(&self.root, user)
     }
 
+    pub(crate) fn index_path(&self, user: &str) -> PathBuf {
+        index_path(&self.root, user)
+    }
+
     /// Loads a source's last good answer; None when there is none or it is
     /// unreadable (logged).
     pub(crate) fn load_source(&self, name: &str, policy: &Policy) -> Option<LastGood> {
@@ -182,30 +190,49 @@ impl StateDir {
         write::apply(&spec, &mut |_| Some(bytes.clone()))
     }
 
-    /// Writes a user's cache (the hook's answer).
-    pub(crate) fn save_cache(&self, user: &str, content: &[u8]) -> Result<Outcome, WriteError> {
-        let spec = FileSpec {
-            path: self.cache_path(user),
+    /// A file beside the caches, readable by the hook's group.
+    fn hook_file(&self, path: PathBuf) -> FileSpec {
+        FileSpec {
+            path,
             base: self.root.clone(),
             owner: Some((Uid::from_raw(0), self.group.unwrap_or(Gid::from_raw(0)))),
             act_as: None,
             file_mode: 0o640,
             dir_mode: 0o750,
-        };
+        }
+    }
+
+    /// Writes a user's cache (the hook's answer).
+    pub(crate) fn save_cache(&self, user: &str, content: &[u8]) -> Result<Outcome, WriteError> {
+        let spec = self.hook_file(self.cache_path(user));
         write::apply(&spec, &mut |_| Some(content.to_vec()))
     }
 
-    /// Removes the cache of a user no longer configured.
+    /// Writes the fingerprint index of the cache just written, whose lines
+    /// are `lines` with the keys of `keys`, in order. A failure leaves a
+    /// stale index, which the hook does not believe (it reads the cache),
+    /// so it costs speed, never correctness: it is logged, not reported.
+    pub(crate) fn save_index(&self, user: &str, lines: &[String], keys: &KeySet) {
+        let path = self.index_path(user);
+        let index = std::fs::metadata(self.cache_path(user))
+            .ok()
+            .and_then(|meta| {
+                let fingerprints = keys.keys().iter().map(|k| k.fingerprint.as_str());
+                cache_index::render(Identity::of(&meta), lines, fingerprints)
+            });
+        // Without an index the hook reads the whole cache: slower, as right.
+        if let Err(e) = write::apply(&self.hook_file(path.clone()), &mut |_| index.clone()) {
+            tracing::warn!(user, path = %path.display(), error = %e, "cannot write the fingerprint index of user {user} ({e}); the hook reads the whole cache instead");
+        }
+    }
+
+    /// Removes the cache (and its index) of a user no longer configured.
     pub(crate) fn remove_cache(&self, user: &str) -> Result<Outcome, WriteError> {
-        let spec = FileSpec {
-            path: self.cache_path(user),
-            base: self.root.clone(),
-            owner: None,
-            act_as: None,
-            file_mode: 0o640,
-            dir_mode: 0o750,
-        };
-        write::apply(&spec, &mut |_| None)
+        let index = self.hook_file(self.index_path(user));
+        if let Err(e) = write::apply(&index, &mut |_| None) {
+            tracing::warn!(user, path = %index.path.display(), error = %e, "cannot remove the fingerprint index of removed user {user}: {e}");
+        }
+        write::apply(&self.hook_file(self.cache_path(user)), &mut |_| None)
     }
 
     fn root_file(&self, name: &str, mode: u32) -> FileSpec {
@@ -298,6 +325,13 @@ pub(crate) fn cache_path(state_dir: &Path, user: &str) -> PathBuf {
     state_dir
         .join("users")
         .join(format!("{}.keys", file_safe(user)))
+}
+
+/// The fingerprint index beside a user's cache.
+pub(crate) fn index_path(state_dir: &Path, user: &str) -> PathBuf {
+    state_dir
+        .join("users")
+        .join(format!("{}.fpr", file_safe(user)))
 }
 
 /// Names come from the config (validated) or sshd's `%u`; never let one

@@ -35,6 +35,9 @@ pub struct Status {
     pub config: ConfigStatus,
     pub sources: BTreeMap<String, SourceStatus>,
     pub users: BTreeMap<String, UserStatus>,
+    /// Login-triggered refreshes (`POST /refresh`) since start.
+    #[serde(default)]
+    pub refresh: RefreshStatus,
     /// One line for an operator, also sent as systemd `STATUS=`.
     pub summary: String,
 }
@@ -76,6 +79,29 @@ pub struct UserStatus {
     /// (sshd refuses them through `RevokedKeys`).
     #[serde(default)]
     pub revoked_copies: usize,
+}
+
+/// Login-triggered refreshes (DESIGN.md §3): what the requests to
+/// `POST /refresh` got, counted per request since the agent started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RefreshStatus {
+    /// `refresh_min_interval` in milliseconds; 0: the feature is off.
+    pub min_interval_ms: u64,
+    /// Requests that reached the agent.
+    pub asked: u64,
+    /// Answered 200 after a round of fetches in which a source answered.
+    pub served: u64,
+    /// Inside the rate-limit window: answered 429 at once, nothing fetched.
+    pub rate_limited: u64,
+    /// Every source was in backoff or Retry-After: answered at once
+    /// (`"refreshed": false`), nothing fetched.
+    pub backoff: u64,
+    /// Fetched, but no source answered (errors, or the round timed out).
+    pub failed: u64,
+    /// Refused because `refresh_min_interval` is 0 (404).
+    pub off: u64,
+    /// Unix time the last round of fetches ended.
+    pub last_round: Option<f64>,
 }
 
 /// A source's kind, as `/status` names it.

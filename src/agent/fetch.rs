@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::report::{FailureKind, FetchReport, Fetched, Report};
+use super::report::{FailureKind, FetchReport, Fetched, Report, RoundPart};
 use crate::backoff::{backoff, draw, jittered, poll_after};
 use crate::config::{SourceKind, SourceSettings};
 use crate::keys::{self, Policy};
@@ -88,6 +88,8 @@ pub(crate) struct Inputs {
     pub(crate) nudge: mpsc::Receiver<()>,
     /// Whether the subscription stream is up; never changes without one.
     pub(crate) stream: watch::Receiver<bool>,
+    /// The number of the latest login-triggered refresh round (DESIGN.md §3).
+    pub(crate) refresh: watch::Receiver<u64>,
 }
 
 /// Runs one source's loop until cancelled or the writer is gone.
@@ -102,6 +104,7 @@ pub(crate) async fn source_loop(
         etag,
         mut nudge,
         mut stream,
+        mut refresh,
     } = inputs;
     let name = settings.name.clone();
     let mut source: Option<Box<dyn KeySource>> = None;
@@ -130,6 +133,9 @@ pub(crate) async fn source_loop(
     let mut nudged = false;
     let mut last_fetch: Option<tokio::time::Instant> = None;
     let backoff_holds_nudges = !matches!(settings.kind, SourceKind::File { .. });
+    // The refresh round the next fetch serves (its part is reported after
+    // the fetch's own report, so the writer answers once it is written).
+    let mut round: Option<u64> = None;
     loop {
         let wake = if nudged && (failures == 0 || !backoff_holds_nudges) {
             let earliest = last_fetch.map_or_else(tokio::time::Instant::now, |at| {
@@ -161,6 +167,26 @@ pub(crate) async fn source_loop(
                 }
                 continue;
             }
+            Ok(()) = refresh.changed() => {
+                let asked = *refresh.borrow_and_update();
+                // A refresh never shortens a backoff or a Retry-After: it
+                // is answered at once, with what the cache holds.
+                if failures > 0 && backoff_holds_nudges {
+                    let part = Report::Refresh { source: name.clone(), round: asked, part: RoundPart::InBackoff };
+                    if reports.send(part).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                // Otherwise it is one more nudge, coalesced with the others.
+                round = Some(asked);
+                nudged = true;
+                continue;
+            }
+        }
+        // Whatever woke this fetch, it also serves a round announced meanwhile.
+        if refresh.has_changed().unwrap_or(false) {
+            round = Some(*refresh.borrow_and_update());
         }
         if source.is_none() {
             match source::build(&settings, etag.take()) {
@@ -174,7 +200,9 @@ pub(crate) async fn source_loop(
                     };
                     failures = failures.saturating_add(1);
                     next = after(backoff_after(failures, None));
-                    if reports.send(Report::Fetched(report)).await.is_err() {
+                    if reports.send(Report::Fetched(report)).await.is_err()
+                        || !report_part(&reports, &name, round.take(), RoundPart::Failed).await
+                    {
                         return;
                     }
                     continue;
@@ -223,8 +251,31 @@ pub(crate) async fn source_loop(
             }
         };
         next = after(delay);
-        if reports.send(Report::Fetched(report)).await.is_err() {
+        let part = match report.fetched {
+            Fetched::Failed { .. } => RoundPart::Failed,
+            _ => RoundPart::Answered,
+        };
+        if reports.send(Report::Fetched(report)).await.is_err()
+            || !report_part(&reports, &name, round.take(), part).await
+        {
             return;
         }
     }
+}
+
+/// Reports this source's part in a refresh round, if the fetch served one;
+/// false when the writer is gone.
+async fn report_part(
+    reports: &mpsc::Sender<Report>,
+    source: &str,
+    round: Option<u64>,
+    part: RoundPart,
+) -> bool {
+    let Some(round) = round else { return true };
+    let report = Report::Refresh {
+        source: source.to_string(),
+        round,
+        part,
+    };
+    reports.send(report).await.is_ok()
 }

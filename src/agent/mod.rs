@@ -25,6 +25,7 @@ use crate::systemd::Notifier;
 mod fetch;
 mod projection;
 mod reconcile;
+mod refresh;
 pub(crate) mod report;
 mod revoke;
 pub mod signals;
@@ -59,9 +60,16 @@ async fn start(settings: Settings, notifier: Notifier) -> anyhow::Result<Daemon>
     let tracker = TaskTracker::new();
     let (events, events_rx) = mpsc::channel::<Event>(256);
     let (reports, reports_rx) = mpsc::channel::<report::Report>(256);
+    // `POST /refresh` to the writer; a full inbox is answered 503 at once.
+    let (refresh, refresh_rx) = mpsc::channel::<crate::refresh::Request>(256);
 
     let health = crate::health::bind(&settings.health_socket)?;
-    tracker.spawn(crate::health::serve(health, board.clone(), cancel.clone()));
+    tracker.spawn(crate::health::serve(
+        health,
+        board.clone(),
+        refresh,
+        cancel.clone(),
+    ));
     crate::exporter::start(&settings, &board, &tracker, &cancel).await;
     tracker.spawn(signals::reloads(cancel.clone(), events.clone())?);
     watch::config(&settings.config_path, &tracker, cancel.clone(), {
@@ -103,7 +111,7 @@ async fn start(settings: Settings, notifier: Notifier) -> anyhow::Result<Daemon>
         events: events.clone(),
         reports,
     };
-    tracker.spawn(writer::run(ctx, syncer, reports_rx, events_rx));
+    tracker.spawn(writer::run(ctx, syncer, reports_rx, events_rx, refresh_rx));
     tracing::info!(config = %settings.config_path.display(), sources = settings.sources.len(), users = settings.users.len(), "keysync started");
     Ok(Daemon {
         board,

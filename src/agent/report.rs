@@ -17,6 +17,25 @@ pub(crate) enum Report {
     Fetched(FetchReport),
     /// A source's subscription stream went up or down (subscribe mode).
     Stream { source: String, connected: bool },
+    /// A source's part in login-triggered refresh round `round` (DESIGN.md
+    /// §3) is over: its fetch's `Fetched` report came just before, or it
+    /// fetched nothing because it was in backoff.
+    Refresh {
+        source: String,
+        round: u64,
+        part: RoundPart,
+    },
+}
+
+/// What one source did for a refresh round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum RoundPart {
+    /// Fetched, and the answer was a list or "unchanged".
+    Answered,
+    /// Fetched, and the fetch failed.
+    Failed,
+    /// In backoff or Retry-After: nothing fetched (a refresh never shortens one).
+    InBackoff,
 }
 
 /// What one fetch produced.

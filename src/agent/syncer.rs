@@ -244,6 +244,8 @@ impl Syncer {
                 }
                 Vec::new()
             }
+            // The writer answers the refresh's waiters; nothing to sync.
+            Report::Refresh { .. } => Vec::new(),
         }
     }
 
@@ -427,6 +429,9 @@ impl Syncer {
                 Some(error)
             }
         };
+        if cache_error.is_none() {
+            self.state.save_index(name, &lines, &keys.keys);
+        }
         let spec = users::home_file_spec(user, &account);
         let copies = std::cell::Cell::new(0usize);
         let remove_copies = self.settings.policy.remove_revoked_copies;

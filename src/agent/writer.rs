@@ -5,22 +5,32 @@
 //! `/healthz` and systemd's watchdog follow. It also starts (and, on a
 //! reload, restarts) the per-source tasks.
 //!
+//! It also runs the login-triggered refresh (DESIGN.md §3): a request from
+//! `POST /refresh` starts a round (or joins the one in flight, or is
+//! answered at once, see [`Gate`]); the round bumps a number that every
+//! fetch loop watches, and each loop reports its part through a
+//! [`Report`] after its fetch's own report, so the requests are answered
+//! once the writes for the answers are done.
+//!
 //! The syncer's file I/O blocks; it runs in `block_in_place`, so this loop
 //! is the one that does the work: when a write hangs, the beats stop.
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::fetch::{self, Inputs};
+use super::refresh::{Asked, Gate};
 use super::report::Report;
 use super::syncer::{SyncOutcome, Syncer};
 use super::watch::{self as watches, DriftWatch};
 use crate::board::{Board, DEFAULT_HEARTBEAT};
 use crate::config::{self, SourceKind};
+use crate::metrics::RefreshLabels;
+use crate::refresh::{self as login_refresh, Reply};
 use crate::source::subscribe;
 use crate::systemd::Notifier;
 
@@ -61,6 +71,10 @@ struct Writer {
     /// Sources whose first answer (or failure) has not come yet: READY=1 waits.
     pending_first: HashSet<String>,
     last_status: String,
+    /// Login-triggered refresh: the rate limit and the round in flight.
+    refresh: Gate<oneshot::Sender<Reply>>,
+    /// The latest refresh round's number, watched by every fetch loop.
+    rounds: watch::Sender<u64>,
 }
 
 /// Runs the writer until cancelled.
@@ -69,6 +83,7 @@ pub(crate) async fn run(
     syncer: Syncer,
     mut reports: mpsc::Receiver<Report>,
     mut events: mpsc::Receiver<Event>,
+    mut refresh_requests: mpsc::Receiver<login_refresh::Request>,
 ) {
     let drift = DriftWatch::new(&ctx.tracker, ctx.cancel.clone(), {
         let events = ctx.events.clone();
@@ -78,6 +93,8 @@ pub(crate) async fn run(
         }
     });
     let mut w = Writer {
+        refresh: Gate::new(syncer.settings().refresh_min_interval),
+        rounds: watch::Sender::new(0),
         pending_first: syncer.settings().sources.keys().cloned().collect(),
         syncer,
         sources: HashMap::new(),
@@ -126,6 +143,14 @@ pub(crate) async fn run(
                 Some(event) => w.on_event(event).await,
                 None => break,
             },
+            Some(request) = refresh_requests.recv() => {
+                w.on_refresh_request(request);
+                Vec::new()
+            }
+            _ = until(w.refresh.deadline()) => {
+                w.end_round("its deadline passed before every source reported");
+                Vec::new()
+            }
         };
         w.after(&outcomes);
     }
@@ -134,10 +159,31 @@ pub(crate) async fn run(
     }
 }
 
+/// Sleeps until `deadline`, or forever without one.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Writer {
     fn on_report(&mut self, report: Report) -> Vec<(String, SyncOutcome)> {
         if let Report::Fetched(fetch) = &report {
             self.pending_first.remove(&fetch.source);
+        }
+        if let Report::Refresh {
+            source,
+            round,
+            part,
+        } = &report
+        {
+            // The source's answer (if any) was written when its own report came.
+            if let Some((waiters, reply)) = self.refresh.part(*round, source, *part, Instant::now())
+            {
+                self.answer_round(*round, waiters, reply);
+            }
+            return Vec::new();
         }
         let now = Instant::now();
         tokio::task::block_in_place(|| {
@@ -172,6 +218,9 @@ impl Writer {
                 let path = self.syncer.settings().config_path.clone();
                 match tokio::task::block_in_place(|| config::load(&path)) {
                     Ok(new) => {
+                        // The sources of the round in flight stop here.
+                        self.end_round("the config was reloaded");
+                        self.refresh.set_min_interval(new.refresh_min_interval);
                         for (_, task) in self.sources.drain() {
                             task.cancel.cancel();
                         }
@@ -220,8 +269,86 @@ impl Writer {
         self.publish();
     }
 
+    /// A `POST /refresh`: answered at once, or queued on a round.
+    fn on_refresh_request(&mut self, request: login_refresh::Request) {
+        let now = Instant::now();
+        let settings = self.syncer.settings();
+        let sources = self.sources.keys().cloned().collect();
+        // A round gives up on a source that has not reported by the time its
+        // fetch must have timed out (a reload stops the round sooner).
+        let slowest = settings
+            .sources
+            .values()
+            .map(|s| s.timeout)
+            .max()
+            .unwrap_or_default();
+        let deadline = now + slowest + Duration::from_secs(5);
+        match self.refresh.ask(request.reply, now, sources, deadline) {
+            Asked::Now(waiter, reply) => {
+                tracing::debug!(
+                    result = reply.outcome.label(),
+                    "refresh request answered at once: {:?}",
+                    reply.outcome
+                );
+                self.answer(vec![waiter], reply);
+            }
+            Asked::Joined => {}
+            Asked::Started(round) => {
+                tracing::info!(
+                    round,
+                    "refresh asked for on the health socket (a login offered a key not in the cache); fetching every source now, refresh round {round}"
+                );
+                self.rounds.send_replace(round);
+            }
+        }
+        self.publish();
+    }
+
+    /// Ends the refresh round in flight before every source reported.
+    fn end_round(&mut self, why: &str) {
+        let round = self.rounds.borrow().to_owned();
+        if let Some((waiters, reply)) = self.refresh.end(Instant::now()) {
+            tracing::warn!(round, "refresh round {round} ended because {why}");
+            self.answer_round(round, waiters, reply);
+        }
+    }
+
+    fn answer_round(&mut self, round: u64, waiters: Vec<oneshot::Sender<Reply>>, reply: Reply) {
+        tracing::info!(
+            round,
+            result = reply.outcome.label(),
+            requests = waiters.len(),
+            "refresh round {round} done ({}); answering {} waiting request(s)",
+            reply.outcome.label(),
+            waiters.len()
+        );
+        self.answer(waiters, reply);
+    }
+
+    /// Sends `reply` to each waiter (one that gave up meanwhile is skipped)
+    /// and counts them.
+    fn answer(&self, waiters: Vec<oneshot::Sender<Reply>>, reply: Reply) {
+        let n = u64::try_from(waiters.len()).unwrap_or(u64::MAX);
+        self.ctx
+            .board
+            .metrics
+            .refresh_total
+            .get_or_create(&RefreshLabels {
+                result: reply.outcome.label().to_string(),
+            })
+            .inc_by(n);
+        for waiter in waiters {
+            let _ = waiter.send(reply);
+        }
+    }
+
     /// Publishes the status projection; READY=1 once every source answered.
     fn publish(&mut self) {
+        // The syncer also publishes after each write; the refresh counts
+        // are the writer's, kept by the board across those publications.
+        self.ctx
+            .board
+            .publish_refresh(self.refresh.status(Instant::now(), SystemTime::now()));
         self.syncer.publish();
         let summary = self.ctx.board.snapshot().summary;
         if self.pending_first.is_empty() {
@@ -259,6 +386,7 @@ impl Writer {
                 etag: self.syncer.etag(name),
                 nudge: nudge_rx,
                 stream: stream_rx,
+                refresh: self.rounds.subscribe(),
             };
             ctx.tracker.spawn(fetch::source_loop(
                 src.clone(),

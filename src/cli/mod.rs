@@ -39,10 +39,16 @@ pub enum Command {
         log_format: LogFormat,
     },
     /// sshd AuthorizedKeysCommand: print USER's cached keys.
+    ///
+    /// With FPR, only that key; when it is not in the cache, the running
+    /// agent is asked for one refresh (at most 2 s) and the cache read again.
     AuthorizedKeys {
         /// Where the agent keeps its caches.
-        #[arg(long, default_value = "/var/lib/keysync")]
+        #[arg(long, default_value = authorized_keys::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+        /// The agent's health socket, asked for a refresh when FPR is not cached.
+        #[arg(long, default_value = authorized_keys::DEFAULT_SOCKET)]
+        socket: PathBuf,
         /// The user sshd asks about (%u).
         user: String,
         /// Only the key with this SHA256 fingerprint (%f).
@@ -77,9 +83,10 @@ pub fn dispatch(cli: Cli) -> u8 {
         } => run::main(&config, once, log_format),
         Command::AuthorizedKeys {
             state_dir,
+            socket,
             user,
             fingerprint,
-        } => authorized_keys::main(&state_dir, &user, fingerprint.as_deref()),
+        } => authorized_keys::main(&state_dir, &socket, &user, fingerprint.as_deref()),
         Command::Status {
             socket,
             json,

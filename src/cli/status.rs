@@ -96,6 +96,26 @@ fn ago(t: Option<f64>) -> String {
     }
 }
 
+/// The login-triggered refresh in one line.
+fn refresh_line(r: &crate::status::RefreshStatus) -> String {
+    if r.min_interval_ms == 0 {
+        return format!(
+            "refresh: off (refresh_min_interval = 0s), {} asked\n",
+            r.off
+        );
+    }
+    format!(
+        "refresh: at most one per {:.1}s, last round {}: {} asked, {} served, {} rate limited, {} while in backoff, {} failed\n",
+        r.min_interval_ms as f64 / 1000.0,
+        ago(r.last_round),
+        r.asked,
+        r.served,
+        r.rate_limited,
+        r.backoff,
+        r.failed
+    )
+}
+
 /// One screen for an operator.
 pub fn render(s: &Status) -> String {
     let mut out = format!(
@@ -125,6 +145,7 @@ pub fn render(s: &Status) -> String {
                 .unwrap_or_default()
         ));
     }
+    out.push_str(&refresh_line(&s.refresh));
     out.push_str("users:\n");
     for (name, user) in &s.users {
         out.push_str(&format!(
@@ -148,4 +169,39 @@ pub fn render(s: &Status) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::RefreshStatus;
+
+    #[test]
+    fn the_refresh_counts_are_on_the_screen() {
+        let mut status = Status {
+            refresh: RefreshStatus {
+                min_interval_ms: 5_000,
+                asked: 9,
+                served: 2,
+                rate_limited: 6,
+                backoff: 1,
+                ..RefreshStatus::default()
+            },
+            ..Status::default()
+        };
+        let text = render(&status);
+        assert!(
+            text.contains("refresh: at most one per 5.0s, last round never: 9 asked, 2 served, 6 rate limited, 1 while in backoff, 0 failed\n"),
+            "{text}"
+        );
+        status.refresh = RefreshStatus {
+            off: 3,
+            ..RefreshStatus::default()
+        };
+        assert!(
+            render(&status).contains("refresh: off (refresh_min_interval = 0s), 3 asked\n"),
+            "{}",
+            render(&status)
+        );
+    }
 }

@@ -14,6 +14,7 @@ use serde::Deserialize;
 pub(super) struct Fragment {
     pub(super) state_dir: Option<Spanned<PathBuf>>,
     pub(super) health_socket: Option<Spanned<PathBuf>>,
+    pub(super) refresh_min_interval: Option<Spanned<String>>,
     #[serde(default)]
     pub(super) sources: BTreeMap<String, SourceFragment>,
     #[serde(default)]
@@ -21,6 +22,10 @@ pub(super) struct Fragment {
     pub(super) policy: Option<PolicyFragment>,
     pub(super) metrics_textfile: Option<Spanned<PathBuf>>,
     pub(super) metrics_listen: Option<Spanned<String>>,
+    /// The file that set `refresh_min_interval` (the one top-level value
+    /// that is checked beyond its type), for error lines.
+    #[serde(skip)]
+    pub(super) origin: Option<PathBuf>,
 }
 
 pub(super) type Spanned<T> = toml::Spanned<T>;
@@ -106,6 +111,7 @@ pub(super) fn at_of<'a>(files: &[(&'a Path, &'a str)], origin: &Option<PathBuf>)
 impl Fragment {
     /// Records which file each mergeable piece came from.
     pub(super) fn tag(&mut self, path: &Path) {
+        self.origin = Some(path.to_path_buf());
         for source in self.sources.values_mut() {
             source.origin = Some(path.to_path_buf());
         }
@@ -124,6 +130,10 @@ impl Fragment {
         }
         if later.health_socket.is_some() {
             self.health_socket = later.health_socket;
+        }
+        if later.refresh_min_interval.is_some() {
+            self.refresh_min_interval = later.refresh_min_interval;
+            self.origin = later.origin;
         }
         for (name, src) in later.sources {
             match self.sources.get_mut(&name) {

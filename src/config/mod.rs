@@ -38,6 +38,8 @@ pub const DEFAULT_VAST_URL: &str = "https://console.vast.ai/api/v0/ssh/";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/keysync";
 /// The health socket.
 pub const DEFAULT_HEALTH_SOCKET: &str = "/run/keysync/health.sock";
+/// At most one login-triggered refresh per this long (DESIGN.md §3, §7).
+pub const DEFAULT_REFRESH_MIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A config that cannot be used. The agent exits 2 at start, or keeps the
 /// running config at reload and reports this.

@@ -22,6 +22,10 @@ pub struct Settings {
     pub state_dir: PathBuf,
     /// The health socket. Default `/run/keysync/health.sock`.
     pub health_socket: PathBuf,
+    /// Login-triggered refresh (DESIGN.md §3): at most one per this long.
+    /// Default 5 s; zero turns the feature off (`POST /refresh` answers 404).
+    #[serde(with = "dur")]
+    pub refresh_min_interval: Duration,
     pub sources: BTreeMap<String, SourceSettings>,
     pub users: Vec<UserSettings>,
     pub policy: PolicySettings,

@@ -45,6 +45,44 @@ fn defaults_fill_in() {
     assert_eq!(s.policy.keys.min_rsa_bits, 2048);
     assert_eq!(s.policy.confirm_delay, Duration::from_secs(5));
     assert!(s.policy.max_stale.is_none());
+    assert_eq!(s.refresh_min_interval, Duration::from_secs(5));
+}
+
+#[test]
+fn refresh_min_interval_is_a_top_level_duration_zero_turns_it_off() {
+    let off = format!("refresh_min_interval = \"0s\"\n{MAIN}");
+    let s = load_texts(&[("/c.toml", &off)]).unwrap();
+    assert_eq!(s.refresh_min_interval, Duration::ZERO);
+    assert!(
+        s.to_redacted_toml()
+            .contains("refresh_min_interval = \"0s\""),
+        "check-config shows it: {}",
+        s.to_redacted_toml()
+    );
+    // A drop-in overrides the main file.
+    let s = load_texts(&[
+        ("/c.toml", &off),
+        ("/config.d/10.toml", "refresh_min_interval = \"750ms\"\n"),
+    ])
+    .unwrap();
+    assert_eq!(s.refresh_min_interval, Duration::from_millis(750));
+    assert!(
+        s.to_redacted_toml()
+            .contains("refresh_min_interval = \"750ms\""),
+        "{}",
+        s.to_redacted_toml()
+    );
+    // A bad value names the file that set it, its line and the field.
+    let err = load_texts(&[
+        ("/c.toml", MAIN),
+        ("/config.d/10.toml", "\nrefresh_min_interval = \"often\"\n"),
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("/config.d/10.toml, line 2: refresh_min_interval"),
+        "{err}"
+    );
 }
 
 #[test]

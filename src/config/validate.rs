@@ -10,7 +10,10 @@ use super::fragment::{At, Fragment, PolicyFragment, SourceFragment, Spanned, Use
 use super::settings::{
     ApiKeySource, PolicySettings, Settings, SourceKind, SourceSettings, UserSettings, WriteMode,
 };
-use super::{ConfigError, DEFAULT_HEALTH_SOCKET, DEFAULT_STATE_DIR, DEFAULT_VAST_URL};
+use super::{
+    ConfigError, DEFAULT_HEALTH_SOCKET, DEFAULT_REFRESH_MIN_INTERVAL, DEFAULT_STATE_DIR,
+    DEFAULT_VAST_URL,
+};
 use crate::keys::{DEFAULT_ALGORITHMS, options_are_closed};
 
 pub(super) fn validate(merged: Fragment, files: &[(&Path, &str)]) -> Result<Settings, ConfigError> {
@@ -23,6 +26,10 @@ pub(super) fn validate(merged: Fragment, files: &[(&Path, &str)]) -> Result<Sett
         .health_socket
         .map(|s| s.into_inner())
         .unwrap_or_else(|| PathBuf::from(DEFAULT_HEALTH_SOCKET));
+    let refresh_min_interval = match &merged.refresh_min_interval {
+        Some(v) => duration(&at_of(files, &merged.origin), "refresh_min_interval", v)?,
+        None => DEFAULT_REFRESH_MIN_INTERVAL,
+    };
 
     let mut sources = BTreeMap::new();
     for (name, frag) in merged.sources {
@@ -50,6 +57,7 @@ pub(super) fn validate(merged: Fragment, files: &[(&Path, &str)]) -> Result<Sett
         files: Vec::new(),
         state_dir,
         health_socket,
+        refresh_min_interval,
         sources,
         users,
         policy,

@@ -15,6 +15,7 @@ mod hook;
 mod hostile_fs;
 mod hostile_net;
 mod packaging;
+mod refresh;
 mod reload;
 mod revocation;
 mod revocation_policy;

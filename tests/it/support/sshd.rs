@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::env::bin;
 use super::files::chmod;
@@ -177,8 +177,11 @@ impl Sshd {
         out
     }
 
-    pub fn assert_logs_in(&mut self, user: &str, key: &ClientKey, why: &str) {
+    /// Asserts that `ssh` logs in; how long it took.
+    pub fn assert_logs_in(&mut self, user: &str, key: &ClientKey, why: &str) -> Duration {
+        let started = Instant::now();
         let out = self.ssh(user, key);
+        let took = started.elapsed();
         assert_eq!(
             out.status.code(),
             Some(0),
@@ -188,10 +191,14 @@ impl Sshd {
             text(&out.stderr),
             self.log_tail()
         );
+        took
     }
 
-    pub fn assert_refused(&mut self, user: &str, key: &ClientKey, why: &str) {
+    /// Asserts that `ssh` is refused by a live sshd; how long it took.
+    pub fn assert_refused(&mut self, user: &str, key: &ClientKey, why: &str) -> Duration {
+        let started = Instant::now();
         let out = self.ssh(user, key);
+        let took = started.elapsed();
         let stderr = text(&out.stderr);
         assert_eq!(
             out.status.code(),
@@ -212,6 +219,7 @@ impl Sshd {
             "{why}: sshd died\n{}",
             self.log_tail()
         );
+        took
     }
 }
 
