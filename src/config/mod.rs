@@ -22,13 +22,14 @@ mod settings;
 #[cfg(test)]
 mod tests;
 mod validate;
+mod values;
 
 use fragment::Fragment;
 pub use settings::{
     ApiKeySource, PolicySettings, Settings, SourceKind, SourceSettings, UserSettings, WriteMode,
     redact_url,
 };
-pub use validate::{is_loopback_host, parse_duration, parse_size};
+pub use values::{is_loopback_host, parse_duration, parse_size};
 
 /// Where the main config lives unless `--config` or `KEYSYNC_CONFIG` says otherwise.
 pub const DEFAULT_CONFIG: &str = "/etc/keysync/config.toml";
