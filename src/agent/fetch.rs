@@ -279,3 +279,141 @@ async fn report_part(
     };
     reports.send(report).await.is_ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config;
+
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl inline@test";
+
+    /// The settings of source `s` in a config whose only source has `table`.
+    fn source(table: &str) -> SourceSettings {
+        let text = format!(
+            "state_dir = \"/nonexistent/state\"\nhealth_socket = \"/nonexistent/s\"\n\
+             [sources.s]\n{table}\ninterval = \"60s\"\njitter = \"0s\"\n\
+             [[users]]\nname = \"root\"\nsources = [\"s\"]\nwrite = \"none\"\n"
+        );
+        let settings =
+            config::from_texts(&[(Path::new("/test.toml"), text.as_str())]).expect("config");
+        settings.sources["s"].clone()
+    }
+
+    struct Loop {
+        reports: mpsc::Receiver<Report>,
+        nudge: mpsc::Sender<()>,
+        rounds: watch::Sender<u64>,
+        _stream: watch::Sender<bool>,
+        cancel: CancellationToken,
+    }
+
+    fn start(settings: SourceSettings) -> Loop {
+        let (reports_tx, reports) = mpsc::channel(16);
+        let (nudge, nudge_rx) = mpsc::channel(1);
+        let rounds = watch::Sender::new(0);
+        let stream = watch::Sender::new(false);
+        let cancel = CancellationToken::new();
+        let inputs = Inputs {
+            etag: None,
+            nudge: nudge_rx,
+            stream: stream.subscribe(),
+            refresh: rounds.subscribe(),
+        };
+        tokio::spawn(source_loop(
+            settings,
+            Policy::default(),
+            inputs,
+            reports_tx,
+            cancel.clone(),
+        ));
+        Loop {
+            reports,
+            nudge,
+            rounds,
+            _stream: stream,
+            cancel,
+        }
+    }
+
+    /// The next report, within `within` of tokio's (paused) clock.
+    async fn next(l: &mut Loop, within: Duration) -> Option<Report> {
+        tokio::time::timeout(within, l.reports.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    fn is_fetch(r: &Option<Report>) -> bool {
+        matches!(r, Some(Report::Fetched(_)))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refresh_round_is_a_coalesced_nudge_and_its_part_follows_the_fetch() {
+        let mut l = start(source(&format!("kind = \"static\"\nkeys = [\"{KEY}\"]")));
+        assert!(
+            is_fetch(&next(&mut l, Duration::from_secs(1)).await),
+            "the first fetch at once"
+        );
+        let first = tokio::time::Instant::now();
+
+        // A round and a nudge together: one fetch serves both.
+        l.rounds.send_replace(1);
+        l.nudge.send(()).await.expect("nudge");
+        let fetched = next(&mut l, Duration::from_secs(1)).await;
+        assert!(is_fetch(&fetched), "{fetched:?}");
+        assert!(
+            first.elapsed() >= NUDGE_GAP,
+            "a nudged fetch waits {NUDGE_GAP:?} after the last one"
+        );
+        let part = next(&mut l, Duration::from_secs(1)).await;
+        assert!(
+            matches!(
+                part,
+                Some(Report::Refresh {
+                    round: 1,
+                    part: RoundPart::Answered,
+                    ..
+                })
+            ),
+            "{part:?}"
+        );
+        // Nothing more until the next poll, a minute away.
+        assert!(next(&mut l, Duration::from_secs(30)).await.is_none());
+        l.cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn during_a_backoff_a_refresh_is_answered_without_a_fetch() {
+        // No API key: each fetch fails at once, without any network.
+        let mut l = start(source(
+            "kind = \"vast\"\nurl = \"http://127.0.0.1:9/\"\napi_key_env = \"KEYSYNC_UNIT_TEST_NO_SUCH_VARIABLE\"\nmax_backoff = \"1h\"",
+        ));
+        let failed = next(&mut l, Duration::from_secs(1)).await;
+        assert!(
+            matches!(
+                &failed,
+                Some(Report::Fetched(FetchReport {
+                    fetched: Fetched::Failed { .. },
+                    ..
+                }))
+            ),
+            "{failed:?}"
+        );
+        l.rounds.send_replace(1);
+        let part = next(&mut l, Duration::from_secs(1)).await;
+        assert!(
+            matches!(
+                part,
+                Some(Report::Refresh {
+                    round: 1,
+                    part: RoundPart::InBackoff,
+                    ..
+                })
+            ),
+            "answered at once, nothing fetched: {part:?}"
+        );
+        l.cancel.cancel();
+    }
+}
