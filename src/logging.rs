@@ -86,6 +86,19 @@ fn journal_stream_matches(value: &str, dev: u64, ino: u64) -> bool {
     d.parse::<u64>().ok() == Some(dev) && i.parse::<u64>().ok() == Some(ino)
 }
 
+/// An error and its causes, `a: b: c`: "cannot write X" alone does not tell
+/// an operator that the disk is full.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

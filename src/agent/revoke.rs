@@ -146,7 +146,7 @@ impl Revocation {
         match state.save_revoked(&self.revoked) {
             Ok(()) => self.unsaved = false,
             Err(e) => {
-                let error = super::syncer::error_chain(&e);
+                let error = crate::logging::error_chain(&e);
                 tracing::error!(error = %error, "cannot write the revoked keys file: {error}; trying again at the next change");
             }
         }

@@ -15,6 +15,7 @@ use crate::board::Board;
 use crate::config::{Settings, UserSettings};
 use crate::engine::{Engine, Plan};
 use crate::keys::{self, Policy};
+use crate::logging::error_chain;
 use crate::metrics::{FetchLabels, SourceLabels, UserLabels};
 use crate::state::{LastGood, StateDir};
 use crate::status::{Status, unix_now};
@@ -22,19 +23,6 @@ use crate::users;
 use crate::write;
 
 mod user_files;
-
-/// An error and its causes, `a: b: c`: "cannot write X" alone does not tell
-/// an operator that the disk is full.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
-}
 
 /// How many added (and removed) keys of one write are logged one by one: a
 /// new instance with a fleet-sized list must not spend its first sync (and

@@ -7,10 +7,11 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::SystemTime;
 
-use super::{LOGGED_CHANGES, Syncer, error_chain};
+use super::{LOGGED_CHANGES, Syncer};
 use crate::agent::reconcile;
 use crate::config::{UserSettings, WriteMode};
 use crate::keys::KeySet;
+use crate::logging::error_chain;
 use crate::metrics::UserLabels;
 use crate::render;
 use crate::users;
