@@ -90,6 +90,10 @@ pub(crate) struct Inputs {
     pub(crate) stream: watch::Receiver<bool>,
     /// The number of the latest login-triggered refresh round (DESIGN.md §3).
     pub(crate) refresh: watch::Receiver<u64>,
+    /// The id of the latest event the subscription stream delivered; each
+    /// fetch carries it (`KeySource::set_event_id`). Never changes without
+    /// a subscription.
+    pub(crate) event_id: watch::Receiver<Option<String>>,
 }
 
 /// Runs one source's loop until cancelled or the writer is gone.
@@ -105,6 +109,7 @@ pub(crate) async fn source_loop(
         mut nudge,
         mut stream,
         mut refresh,
+        event_id,
     } = inputs;
     let name = settings.name.clone();
     let mut source: Option<Box<dyn KeySource>> = None;
@@ -212,6 +217,7 @@ pub(crate) async fn source_loop(
         let Some(src) = source.as_mut() else { continue };
         nudged = false;
         last_fetch = Some(tokio::time::Instant::now());
+        src.set_event_id(event_id.borrow().as_deref());
         let report = tokio::select! {
             _ = cancel.cancelled() => return,
             report = fetch(&name, src.as_mut(), &policy) => report,
@@ -320,6 +326,7 @@ mod tests {
             nudge: nudge_rx,
             stream: stream.subscribe(),
             refresh: rounds.subscribe(),
+            event_id: watch::Sender::new(None).subscribe(),
         };
         tokio::spawn(source_loop(
             settings,

@@ -371,11 +371,14 @@ impl Writer {
             // Whether the subscription stream is up. Without a subscription the
             // sender is dropped here and the fetch loop simply polls.
             let (stream_tx, stream_rx) = watch::channel(false);
+            // The stream's latest event id, for the fetches (DESIGN.md §5).
+            let (event_tx, event_rx) = watch::channel(None);
             if src.subscribe_url.is_some() {
                 ctx.tracker.spawn(subscribe::run(
                     src.clone(),
                     nudge.clone(),
                     stream_tx,
+                    event_tx,
                     cancel.clone(),
                 ));
             }
@@ -387,6 +390,7 @@ impl Writer {
                 nudge: nudge_rx,
                 stream: stream_rx,
                 refresh: self.rounds.subscribe(),
+                event_id: event_rx,
             };
             ctx.tracker.spawn(fetch::source_loop(
                 src.clone(),

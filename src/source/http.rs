@@ -103,6 +103,16 @@ pub struct Response {
 
 /// GETs `url` with `If-None-Match` when an ETag is known, reading at most
 /// `max_body` bytes. Transport failures are transient.
+/// The `Last-Event-ID` header value for a list fetch, or None when there
+/// is no id or it is not a valid header value (the fetch goes without).
+pub(crate) fn event_id_header(id: Option<&str>) -> Option<HeaderValue> {
+    id.and_then(|id| HeaderValue::from_str(id).ok())
+}
+
+/// The header a list fetch carries the stream's latest event id in.
+pub(crate) const LAST_EVENT_ID: header::HeaderName =
+    header::HeaderName::from_static("last-event-id");
+
 pub async fn get(
     client: &Client,
     url: &Url,
@@ -274,6 +284,7 @@ pub struct HttpSource {
     client: Client,
     url: Url,
     etag: Option<String>,
+    event_id: Option<HeaderValue>,
     max_body: u64,
     max_age: Option<Duration>,
 }
@@ -289,6 +300,7 @@ impl HttpSource {
             client: client(settings, &url)?,
             url,
             etag,
+            event_id: None,
             max_body: settings.max_body,
             max_age: None,
         })
@@ -297,6 +309,9 @@ impl HttpSource {
     async fn fetch_once(&mut self) -> Result<Answer, SourceError> {
         let mut headers = HeaderMap::new();
         headers.insert(header::ACCEPT, HeaderValue::from_static("text/plain, */*"));
+        if let Some(id) = &self.event_id {
+            headers.insert(LAST_EVENT_ID, id.clone());
+        }
         let response = get(
             &self.client,
             &self.url,
@@ -334,6 +349,10 @@ impl KeySource for HttpSource {
 
     fn max_age(&self) -> Option<Duration> {
         self.max_age
+    }
+
+    fn set_event_id(&mut self, id: Option<&str>) {
+        self.event_id = event_id_header(id);
     }
 }
 

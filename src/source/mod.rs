@@ -108,6 +108,13 @@ pub trait KeySource: Send {
     fn max_age(&self) -> Option<Duration> {
         None
     }
+
+    /// The id of the latest event the subscription stream delivered, sent
+    /// as `Last-Event-ID` on the following fetches so that a cache in
+    /// front of the list can key on it (DESIGN.md §5, "Beyond one control
+    /// plane"; packaging/fleet/README.md). None: no header. The URL is
+    /// never changed. Sources that are not HTTP ignore it.
+    fn set_event_id(&mut self, _id: Option<&str>) {}
 }
 
 /// Builds the source for a config entry. `etag` is the persisted ETag of

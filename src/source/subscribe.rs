@@ -16,6 +16,13 @@
 //! that says whether the stream is up (the fetch loop reports that to the
 //! writer), so a loop waiting out a long `resync` starts polling as soon as
 //! the stream drops.
+//!
+//! The id of the latest event the stream delivered goes to the fetch loop
+//! through a third channel, and every later fetch sends it as
+//! `Last-Event-ID`: a cache in front of the list that keys on it
+//! (packaging/fleet/) then makes one origin request per change for a whole
+//! fleet, and never answers a fetch with an entry filled before the change
+//! the agent was told about.
 
 use std::time::Duration;
 
@@ -41,6 +48,7 @@ pub(crate) async fn run(
     settings: SourceSettings,
     nudge: mpsc::Sender<()>,
     stream_up: watch::Sender<bool>,
+    event_id: watch::Sender<Option<String>>,
     cancel: CancellationToken,
 ) {
     let Some(sub_url) = settings.subscribe_url.clone() else {
@@ -123,6 +131,9 @@ pub(crate) async fn run(
                     match chunk {
                         Ok(Ok(Some(bytes))) => {
                             if parser.feed(&bytes) > 0 {
+                                // The id first: the fetch this nudge causes
+                                // carries it.
+                                publish_id(&event_id, parser.last_id());
                                 let _ = nudge.try_send(());
                             }
                         }
@@ -161,5 +172,35 @@ pub(crate) async fn run(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
         }
+    }
+}
+
+/// Hands the latest event id to the fetch loop; an event without an id
+/// keeps the one before (the WHATWG last-event-id buffer).
+fn publish_id(event_id: &watch::Sender<Option<String>>, id: Option<&str>) {
+    event_id.send_if_modified(|held| {
+        if held.as_deref() == id {
+            return false;
+        }
+        *held = id.map(str::to_owned);
+        true
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fetch_loop_sees_the_latest_event_id() {
+        let (tx, mut rx) = watch::channel(None);
+        let mut parser = SseParser::default();
+        assert!(parser.feed(b"id: 1:0\ndata: x\n\nid: 2:0\ndata: y\n\n") > 0);
+        publish_id(&tx, parser.last_id());
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(rx.borrow_and_update().as_deref(), Some("2:0"));
+        // The same id again is no change.
+        publish_id(&tx, parser.last_id());
+        assert!(!rx.has_changed().unwrap());
     }
 }

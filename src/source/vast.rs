@@ -15,7 +15,9 @@ use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Client, StatusCode, Url};
 
 use super::format::{parse_list, says_no_ssh_keys};
-use super::http::{classify, client, etag, get, max_age, parse_url};
+use super::http::{
+    LAST_EVENT_ID, classify, client, etag, event_id_header, get, max_age, parse_url,
+};
 use super::{Answer, FetchFuture, KeySource, SourceError};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -28,6 +30,9 @@ pub struct VastSource {
     url: Url,
     api_key: ApiKeySource,
     etag: Option<String>,
+    /// The stream's latest event id, sent as `Last-Event-ID` (see
+    /// [`KeySource::set_event_id`]).
+    event_id: Option<HeaderValue>,
     max_body: u64,
     max_age: Option<Duration>,
 }
@@ -45,6 +50,7 @@ impl VastSource {
             url,
             api_key,
             etag,
+            event_id: None,
             max_body: settings.max_body,
             max_age: None,
         })
@@ -63,6 +69,9 @@ impl VastSource {
             })?;
         auth.set_sensitive(true);
         headers.insert(header::AUTHORIZATION, auth);
+        if let Some(id) = &self.event_id {
+            headers.insert(LAST_EVENT_ID, id.clone());
+        }
 
         let response = get(
             &self.client,
@@ -111,6 +120,10 @@ impl KeySource for VastSource {
 
     fn max_age(&self) -> Option<Duration> {
         self.max_age
+    }
+
+    fn set_event_id(&mut self, id: Option<&str>) {
+        self.event_id = event_id_header(id);
     }
 }
 
@@ -219,6 +232,81 @@ fn warn_if_readable_by_others(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Serves `answers` one-request connections on loopback and returns
+    /// the requests' headers, lower-cased.
+    async fn header_capture(answers: usize) -> (String, tokio::task::JoinHandle<Vec<String>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/api/v0/ssh/", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for _ in 0..answers {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = conn.read(&mut chunk).await.unwrap();
+                    assert!(n > 0);
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                seen.push(String::from_utf8_lossy(&buf).to_lowercase());
+                let body = "[]";
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                conn.write_all(reply.as_bytes()).await.unwrap();
+            }
+            seen
+        });
+        (url, task)
+    }
+
+    #[tokio::test]
+    async fn the_stream_event_id_rides_along_as_last_event_id_and_the_url_is_kept() {
+        let (url, server) = header_capture(3).await;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "k").unwrap();
+        let settings = SourceSettings {
+            name: "cp".into(),
+            kind: crate::config::SourceKind::File { path: key.clone() },
+            interval: Duration::from_secs(60),
+            jitter: Duration::ZERO,
+            timeout: Duration::from_secs(10),
+            max_body: 1 << 20,
+            max_backoff: Duration::from_secs(300),
+            subscribe_url: None,
+            resync: Duration::from_secs(600),
+            ca_file: None,
+        };
+        let api_key = ApiKeySource {
+            api_key_file: Some(key),
+            api_key_env: "KEYSYNC_TEST_NOT_SET_3".into(),
+        };
+        let mut source = VastSource::new(&settings, &url, api_key, None).unwrap();
+        source.fetch().await.unwrap();
+        source.set_event_id(Some("1796248800:0"));
+        source.fetch().await.unwrap();
+        // An id that is no header value is dropped, not a failed fetch.
+        source.set_event_id(Some("bad\nid"));
+        source.fetch().await.unwrap();
+        let seen = server.await.unwrap();
+        for request in &seen {
+            assert!(
+                request.starts_with("get /api/v0/ssh/ http/1.1\r\n"),
+                "{request}"
+            );
+        }
+        assert!(!seen[0].contains("last-event-id"), "{}", seen[0]);
+        assert!(
+            seen[1].contains("\r\nlast-event-id: 1796248800:0\r\n"),
+            "{}",
+            seen[1]
+        );
+        assert!(!seen[2].contains("last-event-id"), "{}", seen[2]);
+    }
 
     #[test]
     fn secret_debug_is_redacted() {
