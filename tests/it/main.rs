@@ -9,6 +9,7 @@ mod crash;
 mod disk_full;
 mod drift;
 mod fleet;
+mod fleet_nginx;
 mod fuzz_replay;
 mod health_and_metrics;
 mod hook;
