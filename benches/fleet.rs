@@ -141,11 +141,7 @@ fn main() {
         .unwrap_or_else(|| fits.clamp(200, 1000));
     let fd_limit = raise_fd_limit();
     let run_as = RunAs::pick();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime();
     let cp = rt.block_on(FakeControlPlane::start());
     cp.set_token(Some(TOKEN));
     let [alice, bob, _] = fixture_keys();

@@ -249,11 +249,7 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(60),
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime();
     let cp = rt.block_on(FakeControlPlane::start());
     cp.set_token(Some(TOKEN));
     let [alice, bob, _] = fixture_keys();

@@ -49,13 +49,6 @@ const TOKEN: &str = "bench-token";
 const GAP: Duration = Duration::from_secs(6);
 const RETRY: Duration = Duration::from_millis(100);
 
-fn env_count(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn agent_config(
     dir: &Path,
     url: &str,
@@ -178,18 +171,14 @@ fn main() {
         );
         return;
     }
-    let tries = env_count("KEYSYNC_BENCH_LOGIN_TRIES", 20).max(1);
-    let baseline_tries = env_count("KEYSYNC_BENCH_LOGIN_BASELINE_TRIES", 10).max(1);
+    let tries = common::env_count("KEYSYNC_BENCH_LOGIN_TRIES", 20).max(1);
+    let baseline_tries = common::env_count("KEYSYNC_BENCH_LOGIN_BASELINE_TRIES", 10).max(1);
     let baseline_poll = std::env::var("KEYSYNC_BENCH_LOGIN_BASELINE_INTERVAL")
         .ok()
         .and_then(|v| humantime::parse_duration(&v).ok())
         .unwrap_or(Duration::from_secs(20));
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime();
     let cp = rt.block_on(FakeControlPlane::start());
     cp.set_token(Some(TOKEN));
 

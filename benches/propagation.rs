@@ -38,13 +38,6 @@ const TOKEN: &str = "bench-token";
 const POLL_INTERVAL: Duration = Duration::from_millis(1000);
 const POLL_JITTER: Duration = Duration::from_millis(250);
 
-fn env_count(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// Renames into the target's directory, timestamped as inotify reports them.
 struct RenameWatch {
     events: std_mpsc::Receiver<Instant>,
@@ -332,13 +325,9 @@ fn p99(s: &[Duration]) -> Duration {
 }
 
 fn main() {
-    let sub_n = env_count("KEYSYNC_BENCH_SUB_SAMPLES", 200);
-    let poll_n = env_count("KEYSYNC_BENCH_POLL_SAMPLES", 50);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let sub_n = common::env_count("KEYSYNC_BENCH_SUB_SAMPLES", 200);
+    let poll_n = common::env_count("KEYSYNC_BENCH_POLL_SAMPLES", 50);
+    let rt = common::runtime();
     let cp = rt.block_on(FakeControlPlane::start());
     cp.set_token(Some(TOKEN));
     let [alice, bob, _] = fixture_keys();
