@@ -114,6 +114,27 @@ fn poll_config(env: &TestEnv, url: &str, interval: &str, max_backoff: &str) -> S
         .to_string()
 }
 
+/// An agent polling every 200 ms (backing off up to `max_backoff`) while
+/// every answer carries `Cache-Control: cache_control`: its first sync
+/// done, the list requests the fake saw in the `window` after it.
+fn polls_answered_with(
+    cp: &FakeControlPlane,
+    keys: &[String],
+    cache_control: &str,
+    max_backoff: &str,
+    window: Duration,
+) -> (TestEnv, Agent, Vec<Duration>) {
+    cp.set_extra_headers(vec![("Cache-Control".into(), cache_control.into())]);
+    let env = TestEnv::new();
+    env.write_config(poll_config(&env, &cp.url(), "200ms", max_backoff));
+    let agent = env.spawn();
+    wait_block(&env, &agent, &keys[..2], "first sync");
+    cp.clear_requests();
+    std::thread::sleep(window + Duration::from_millis(200));
+    let polls = polls_within(cp, window);
+    (env, agent, polls)
+}
+
 /// The list requests the fake saw in the `window` after the first one.
 fn polls_within(cp: &FakeControlPlane, window: Duration) -> Vec<Duration> {
     let log = cp.requests();
@@ -141,15 +162,9 @@ async fn cache_control_max_age_spaces_the_polls_up_to_max_backoff() {
     blocking(move || {
         let cp = cp2;
         // A 200 ms interval, but the answers say they stay fresh for 3 s.
-        cp.set_extra_headers(vec![("Cache-Control".into(), "public, max-age=3".into())]);
-        let env = TestEnv::new();
-        env.write_config(poll_config(&env, &cp.url(), "200ms", "10s"));
-        let agent = env.spawn();
-        wait_block(&env, &agent, &keys[..2], "first sync");
-        cp.clear_requests();
         let window = Duration::from_millis(6500);
-        std::thread::sleep(window + Duration::from_millis(200));
-        let polls = polls_within(&cp, window);
+        let (_env, agent, polls) =
+            polls_answered_with(&cp, &keys, "public, max-age=3", "10s", window);
         eprintln!("max-age=3, interval 200 ms: polls at {polls:?}");
         assert!(
             (1..=3).contains(&polls.len()),
@@ -166,15 +181,8 @@ async fn cache_control_max_age_spaces_the_polls_up_to_max_backoff() {
 
         // max-age beyond max_backoff (1 s): polls come every second anyway,
         // and a deleted key goes within seconds.
-        cp.set_extra_headers(vec![("Cache-Control".into(), "max-age=3600".into())]);
-        let env = TestEnv::new();
-        env.write_config(poll_config(&env, &cp.url(), "200ms", "1s"));
-        let agent = env.spawn();
-        wait_block(&env, &agent, &keys[..2], "first sync");
-        cp.clear_requests();
         let window = Duration::from_millis(4500);
-        std::thread::sleep(window + Duration::from_millis(200));
-        let polls = polls_within(&cp, window);
+        let (env, agent, polls) = polls_answered_with(&cp, &keys, "max-age=3600", "1s", window);
         eprintln!("max-age=3600, max_backoff 1 s: polls at {polls:?}");
         assert!(
             (3..=6).contains(&polls.len()),
