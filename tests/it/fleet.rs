@@ -16,6 +16,7 @@ use crate::support::agent::Agent;
 use crate::support::config::Config;
 use crate::support::env::TestEnv;
 use crate::support::fake_cp::{Endpoint, FakeControlPlane, Fault, RequestRecord, gen_ed25519_keys};
+use crate::support::scenario::with_fake;
 use crate::support::{DEADLINE, blocking, eventually};
 
 /// Waits until the block holds exactly `want` (in order).
@@ -63,13 +64,7 @@ async fn no_retry_after_holds_up_a_revocation_past_max_backoff() {
         "",
     ];
     let keys = gen_ed25519_keys(values.len() + 2);
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    cp.set_keys(keys.clone());
-    let cp = std::sync::Arc::new(cp);
-    let cp2 = cp.clone();
-    blocking(move || {
-        let cp = cp2;
+    with_fake(keys.clone(), move |cp| {
         let env = TestEnv::new();
         env.write_config(Config::vast(&env, &cp.url()));
         let mut agent = env.spawn();
@@ -154,17 +149,11 @@ fn polls_within(cp: &FakeControlPlane, window: Duration) -> Vec<Duration> {
 #[tokio::test(flavor = "multi_thread")]
 async fn cache_control_max_age_spaces_the_polls_up_to_max_backoff() {
     let keys = gen_ed25519_keys(3);
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    cp.set_keys(keys[..2].to_vec());
-    let cp = std::sync::Arc::new(cp);
-    let cp2 = cp.clone();
-    blocking(move || {
-        let cp = cp2;
+    with_fake(keys[..2].to_vec(), move |cp| {
         // A 200 ms interval, but the answers say they stay fresh for 3 s.
         let window = Duration::from_millis(6500);
         let (_env, agent, polls) =
-            polls_answered_with(&cp, &keys, "public, max-age=3", "10s", window);
+            polls_answered_with(cp, &keys, "public, max-age=3", "10s", window);
         eprintln!("max-age=3, interval 200 ms: polls at {polls:?}");
         assert!(
             (1..=3).contains(&polls.len()),
@@ -182,7 +171,7 @@ async fn cache_control_max_age_spaces_the_polls_up_to_max_backoff() {
         // max-age beyond max_backoff (1 s): polls come every second anyway,
         // and a deleted key goes within seconds.
         let window = Duration::from_millis(4500);
-        let (env, agent, polls) = polls_answered_with(&cp, &keys, "max-age=3600", "1s", window);
+        let (env, agent, polls) = polls_answered_with(cp, &keys, "max-age=3600", "1s", window);
         eprintln!("max-age=3600, max_backoff 1 s: polls at {polls:?}");
         assert!(
             (3..=6).contains(&polls.len()),
@@ -220,85 +209,82 @@ fn wait_keys(env: &TestEnv, agent: &Agent, want: &[&str], what: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_loosened_policy_brings_in_keys_of_an_unchanged_list() {
     let alice = gen_ed25519_keys(1).remove(0);
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    cp.set_keys([alice.as_str(), ECDSA_KEY, RSA_1024_KEY]);
-    let cp = std::sync::Arc::new(cp);
-    let cp2 = cp.clone();
-    blocking(move || {
-        let cp = cp2;
-        let env = TestEnv::new();
-        let config = |algorithms: &[&str], rsa_bits: u32| {
-            Config::vast(&env, &cp.url())
-                .policy("allowed_algorithms", algorithms.to_vec())
-                .policy("min_rsa_bits", i64::from(rsa_bits))
-                .to_string()
-        };
-        let ed_rsa: &[&str] = &["ssh-ed25519", "ssh-rsa"];
-        let ed_rsa_ecdsa: &[&str] = &["ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256"];
-        env.write_config(config(ed_rsa, 2048));
-        let agent = env.spawn();
-        wait_keys(&env, &agent, &[&alice], "first sync: ed25519 only");
-        // The list does not change from here on: polls get 304.
-        assert!(
-            eventually(DEADLINE, || cp.stats().not_modified >= 2),
-            "no conditional polls; log:\n{}",
-            agent.log_tail()
-        );
+    with_fake(
+        [alice.clone(), ECDSA_KEY.into(), RSA_1024_KEY.into()],
+        move |cp| {
+            let env = TestEnv::new();
+            let config = |algorithms: &[&str], rsa_bits: u32| {
+                Config::vast(&env, &cp.url())
+                    .policy("allowed_algorithms", algorithms.to_vec())
+                    .policy("min_rsa_bits", i64::from(rsa_bits))
+                    .to_string()
+            };
+            let ed_rsa: &[&str] = &["ssh-ed25519", "ssh-rsa"];
+            let ed_rsa_ecdsa: &[&str] = &["ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256"];
+            env.write_config(config(ed_rsa, 2048));
+            let agent = env.spawn();
+            wait_keys(&env, &agent, &[&alice], "first sync: ed25519 only");
+            // The list does not change from here on: polls get 304.
+            assert!(
+                eventually(DEADLINE, || cp.stats().not_modified >= 2),
+                "no conditional polls; log:\n{}",
+                agent.log_tail()
+            );
 
-        // A reload allows ECDSA: the list is the same, the key arrives.
-        cp.clear_requests();
-        env.write_config(config(ed_rsa_ecdsa, 2048));
-        agent.signal(nix::sys::signal::Signal::SIGHUP);
-        wait_keys(
-            &env,
-            &agent,
-            &[&alice, ECDSA_KEY],
-            "after the reload allowed ECDSA",
-        );
-        let log = cp.requests();
-        let full = list_requests(&log)
-            .into_iter()
-            .find(|r| r.status == Some(200))
-            .expect("a whole list after the reload");
-        assert!(
-            !full.sent_if_none_match(),
-            "the old ETag was sent after the policy changed"
-        );
-        drop(agent);
+            // A reload allows ECDSA: the list is the same, the key arrives.
+            cp.clear_requests();
+            env.write_config(config(ed_rsa_ecdsa, 2048));
+            agent.signal(nix::sys::signal::Signal::SIGHUP);
+            wait_keys(
+                &env,
+                &agent,
+                &[&alice, ECDSA_KEY],
+                "after the reload allowed ECDSA",
+            );
+            let log = cp.requests();
+            let full = list_requests(&log)
+                .into_iter()
+                .find(|r| r.status == Some(200))
+                .expect("a whole list after the reload");
+            assert!(
+                !full.sent_if_none_match(),
+                "the old ETag was sent after the policy changed"
+            );
+            drop(agent);
 
-        // A restart with 1024-bit RSA allowed: the persisted ETag is
-        // dropped too, and the RSA key arrives.
-        cp.clear_requests();
-        env.write_config(config(ed_rsa_ecdsa, 1024));
-        let agent = env.spawn();
-        wait_keys(
-            &env,
-            &agent,
-            &[&alice, ECDSA_KEY, RSA_1024_KEY],
-            "after a restart that allowed 1024-bit RSA",
-        );
-        let log = cp.requests();
-        assert!(
-            !list_requests(&log)[0].sent_if_none_match(),
-            "the first fetch after a restart with another policy sent the old ETag"
-        );
-        drop(agent);
+            // A restart with 1024-bit RSA allowed: the persisted ETag is
+            // dropped too, and the RSA key arrives.
+            cp.clear_requests();
+            env.write_config(config(ed_rsa_ecdsa, 1024));
+            let agent = env.spawn();
+            wait_keys(
+                &env,
+                &agent,
+                &[&alice, ECDSA_KEY, RSA_1024_KEY],
+                "after a restart that allowed 1024-bit RSA",
+            );
+            let log = cp.requests();
+            assert!(
+                !list_requests(&log)[0].sent_if_none_match(),
+                "the first fetch after a restart with another policy sent the old ETag"
+            );
+            drop(agent);
 
-        // The same policy again: the ETag is kept (no whole list needed).
-        cp.clear_requests();
-        let agent = env.spawn();
-        assert!(
-            eventually(DEADLINE, || !cp.requests().is_empty()),
-            "no fetch after the restart"
-        );
-        let first = cp.requests()[0].clone();
-        assert!(
-            first.sent_if_none_match() && first.status == Some(304),
-            "a restart with the same policy must keep the ETag: {first:?}"
-        );
-        drop(agent);
-    })
+            // The same policy again: the ETag is kept (no whole list needed).
+            cp.clear_requests();
+            let agent = env.spawn();
+            assert!(
+                eventually(DEADLINE, || !cp.requests().is_empty()),
+                "no fetch after the restart"
+            );
+            let first = cp.requests()[0].clone();
+            assert!(
+                first.sent_if_none_match() && first.status == Some(304),
+                "a restart with the same policy must keep the ETag: {first:?}"
+            );
+            drop(agent);
+        },
+    )
     .await;
 }
 
@@ -356,18 +342,12 @@ impl FakeProxy {
 #[tokio::test(flavor = "multi_thread")]
 async fn loopback_never_goes_through_a_proxy() {
     let keys = gen_ed25519_keys(3);
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    cp.set_keys(keys[..2].to_vec());
-    let cp = std::sync::Arc::new(cp);
-    let cp2 = cp.clone();
-    blocking(move || {
-        let cp = cp2;
+    with_fake(keys[..2].to_vec(), move |cp| {
         let proxy = FakeProxy::start();
         let port = cp.addr().port();
         for host in ["127.0.0.1", "localhost"] {
             let env = TestEnv::new();
-            let config = subscribe_config(&env, &cp, "200ms", "60s", "1s")
+            let config = subscribe_config(&env, cp, "200ms", "60s", "1s")
                 .replace(&format!("127.0.0.1:{port}"), &format!("{host}:{port}"));
             assert!(config.contains(&format!("http://{host}:{port}/api/v0/ssh/events")));
             env.write_config(config);
@@ -573,17 +553,11 @@ fn start_subscribed(env: &TestEnv, cp: &FakeControlPlane, want: &[String]) -> Ag
 #[tokio::test(flavor = "multi_thread")]
 async fn an_event_every_millisecond_is_coalesced_into_few_fetches() {
     let keys = gen_ed25519_keys(3);
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    cp.set_keys(keys.clone());
-    let cp = std::sync::Arc::new(cp);
-    let cp2 = cp.clone();
-    blocking(move || {
-        let cp = cp2;
+    with_fake(keys.clone(), move |cp| {
         let env = TestEnv::new();
         // Polls and resyncs are a minute away: every fetch here is an event's.
-        env.write_config(subscribe_config(&env, &cp, "60s", "60s", "5s"));
-        let mut agent = start_subscribed(&env, &cp, &keys);
+        env.write_config(subscribe_config(&env, cp, "60s", "60s", "5s"));
+        let mut agent = start_subscribed(&env, cp, &keys);
         std::thread::sleep(Duration::from_millis(500));
         cp.clear_requests();
 
@@ -634,18 +608,12 @@ async fn an_event_every_millisecond_is_coalesced_into_few_fetches() {
 #[tokio::test(flavor = "multi_thread")]
 async fn events_during_a_retry_after_wait_for_it_to_end() {
     let keys = gen_ed25519_keys(12);
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    cp.set_keys(keys[..2].to_vec());
-    let cp = std::sync::Arc::new(cp);
-    let cp2 = cp.clone();
-    blocking(move || {
-        let cp = cp2;
+    with_fake(keys[..2].to_vec(), move |cp| {
         let env = TestEnv::new();
         // interval 1 s (the backoff's base), max_backoff 5 s: a 429 with
         // Retry-After: 3 makes the agent wait 3 to 5 s.
-        env.write_config(subscribe_config(&env, &cp, "1s", "60s", "5s"));
-        let agent = start_subscribed(&env, &cp, &keys[..2]);
+        env.write_config(subscribe_config(&env, cp, "1s", "60s", "5s"));
+        let agent = start_subscribed(&env, cp, &keys[..2]);
         std::thread::sleep(Duration::from_millis(500));
         cp.clear_requests();
         cp.set_fault(Fault::rate_limited(Some(3)), Some(1));

@@ -14,6 +14,7 @@ use crate::support::agent::Agent;
 use crate::support::config::Config;
 use crate::support::env::TestEnv;
 use crate::support::fake_cp::{FakeControlPlane, gen_ed25519_keys};
+use crate::support::scenario::with_fake;
 use crate::support::{DEADLINE, blocking, eventually};
 use tokio::io::AsyncReadExt;
 
@@ -316,14 +317,8 @@ fn start_exporting(cp: &FakeControlPlane, keys: &[String]) -> Exporting {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_textfile_and_metrics_listen_carry_the_metrics() {
     let keys = gen_ed25519_keys(3);
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    cp.set_keys(keys.clone());
-    let cp = std::sync::Arc::new(cp);
-    let cp2 = cp.clone();
-    blocking(move || {
-        let cp = cp2;
-        let x = start_exporting(&cp, &keys);
+    with_fake(keys.clone(), move |cp| {
+        let x = start_exporting(cp, &keys);
         let keys_of_root = "keysync_keys{user=\"root\"}";
 
         // The textfile appears, parses, and follows a change.
@@ -418,14 +413,8 @@ async fn promtool_accepts_every_form_of_the_metrics() {
         return;
     };
     let keys = gen_ed25519_keys(3);
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    cp.set_keys(keys.clone());
-    let cp = std::sync::Arc::new(cp);
-    let cp2 = cp.clone();
-    blocking(move || {
-        let cp = cp2;
-        let x = start_exporting(&cp, &keys);
+    with_fake(keys.clone(), move |cp| {
+        let x = start_exporting(cp, &keys);
         assert!(
             eventually(DEADLINE, || x.textfile.exists()),
             "no textfile; log:\n{}",
@@ -478,14 +467,8 @@ async fn node_exporter_serves_the_textfile() {
         return;
     };
     let keys = gen_ed25519_keys(3);
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    cp.set_keys(keys.clone());
-    let cp = std::sync::Arc::new(cp);
-    let cp2 = cp.clone();
-    blocking(move || {
-        let cp = cp2;
-        let x = start_exporting(&cp, &keys);
+    with_fake(keys.clone(), move |cp| {
+        let x = start_exporting(cp, &keys);
         let dir = x.textfile.parent().expect("dir").to_path_buf();
         let port = free_port();
         let log = std::fs::File::create(x.env.path().join("node_exporter.log")).expect("log");

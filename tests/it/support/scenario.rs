@@ -113,3 +113,17 @@ pub async fn with_no_keys<T: Send + 'static>(
 ) -> T {
     Scenario::new().await.run(body).await
 }
+
+/// A fake control plane wanting [`TOKEN`] and serving `keys`, handed to
+/// the blocking `body` while the test's runtime serves it.
+pub async fn with_fake<T: Send + 'static>(
+    keys: impl IntoIterator<Item = impl Into<String>>,
+    body: impl FnOnce(&FakeControlPlane) -> T + Send + 'static,
+) -> T {
+    let cp = FakeControlPlane::start().await;
+    cp.set_token(Some(TOKEN));
+    cp.set_keys(keys);
+    let cp = std::sync::Arc::new(cp);
+    let shared = cp.clone();
+    blocking(move || body(&shared)).await
+}
