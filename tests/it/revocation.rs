@@ -32,6 +32,21 @@ fn revoked(env: &TestEnv) -> Option<String> {
     std::fs::read_to_string(env.state_dir().join("revoked_keys")).ok()
 }
 
+/// `keysync run --once` off the runtime (which serves the fake); it must succeed.
+async fn run_once_ok(env: TestEnv) -> TestEnv {
+    let (env, out) = blocking(move || {
+        let out = env.run_once();
+        (env, out)
+    })
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_revoked_file_exists_before_the_first_fetch() {
     let cp = control_plane().await;
@@ -221,16 +236,7 @@ async fn a_target_an_earlier_config_wrote_is_cleared_at_the_next_start() {
     let [alice, bob, _] = fixture_keys();
     let env = TestEnv::new();
     env.write_config(Config::vast(&env, &cp.url()));
-    let (env, out) = blocking(move || {
-        let out = env.run_once();
-        (env, out)
-    })
-    .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let env = run_once_ok(env).await;
     let old = env.target();
     assert!(std::fs::read_to_string(&old).unwrap().contains(alice));
     // While the agent is stopped, the user's file moves elsewhere.
@@ -239,16 +245,7 @@ async fn a_target_an_earlier_config_wrote_is_cleared_at_the_next_start() {
         .only_user(User::block("root", &new))
         .to_string();
     env.write_config(&text);
-    let (env, out) = blocking(move || {
-        let out = env.run_once();
-        (env, out)
-    })
-    .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let env = run_once_ok(env).await;
     let old_content = std::fs::read_to_string(&old).unwrap_or_default();
     assert!(
         !old_content.contains(alice) && !old_content.contains(bob),
@@ -268,16 +265,7 @@ async fn a_cache_that_cannot_be_rewritten_never_keeps_a_removed_key_in_the_home_
     let [alice, bob, _] = fixture_keys();
     let env = TestEnv::new();
     env.write_config(Config::vast(&env, &cp.url()));
-    let (env, out) = blocking(move || {
-        let out = env.run_once();
-        (env, out)
-    })
-    .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let env = run_once_ok(env).await;
     // The cache directory can no longer be written (as a full or broken
     // state dir would be), then alice is deleted on the account.
     let users = env.state_dir().join("users");
