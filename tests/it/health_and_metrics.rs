@@ -14,6 +14,7 @@ use crate::support::agent::Agent;
 use crate::support::config::Config;
 use crate::support::env::TestEnv;
 use crate::support::fake_cp::{FakeControlPlane, gen_ed25519_keys};
+use crate::support::metrics::FAMILIES;
 use crate::support::scenario::with_fake;
 use crate::support::{DEADLINE, blocking, eventually};
 use tokio::io::AsyncReadExt;
@@ -266,14 +267,7 @@ fn assert_prometheus_text(text: &str, what: &str) {
             "{what}: sample {name} of no declared family"
         );
     }
-    for family in [
-        "keysync_fetch_total",
-        "keysync_last_success_timestamp_seconds",
-        "keysync_keys",
-        "keysync_writes_total",
-        "keysync_drift_repairs_total",
-        "keysync_fetch_duration_seconds",
-    ] {
+    for family in FAMILIES {
         assert!(
             families.iter().any(|f| f == family),
             "{what}: no {family}:\n{text}"

@@ -15,6 +15,7 @@ use crate::support::eventually;
 use crate::support::fake_cp::{Fault, fixture_keys};
 use crate::support::files::mode;
 use crate::support::http::{self, healthz};
+use crate::support::metrics::FAMILIES;
 use crate::support::metrics::{Exposition, Format, parse_exposition};
 use crate::support::notify::{NotifyInbox, is_ping};
 use crate::support::scenario::{Scenario, with_fixture};
@@ -237,14 +238,7 @@ fn metrics_in_both_formats(env: &TestEnv) {
         fetch_history_in(m);
     }
     // The exact family names a Prometheus user writes queries against.
-    for name in [
-        "keysync_fetch_total",
-        "keysync_last_success_timestamp_seconds",
-        "keysync_keys",
-        "keysync_writes_total",
-        "keysync_drift_repairs_total",
-        "keysync_fetch_duration_seconds",
-    ] {
+    for name in FAMILIES {
         assert!(
             prom.family_type(name).is_some(),
             "no family {name} in Prometheus text"

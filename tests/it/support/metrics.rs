@@ -4,6 +4,17 @@
 
 use std::collections::BTreeMap;
 
+/// The metric families a Prometheus user writes queries against: every
+/// form of the metrics must declare them.
+pub const FAMILIES: [&str; 6] = [
+    "keysync_fetch_total",
+    "keysync_last_success_timestamp_seconds",
+    "keysync_keys",
+    "keysync_writes_total",
+    "keysync_drift_repairs_total",
+    "keysync_fetch_duration_seconds",
+];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     /// Prometheus text format 0.0.4.
