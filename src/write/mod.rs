@@ -40,6 +40,7 @@ use tracing::{debug, warn};
 
 mod ids;
 mod strict;
+mod target;
 mod temp;
 #[cfg(test)]
 mod tests;
