@@ -11,6 +11,7 @@ pub mod fake_cp;
 pub mod files;
 pub mod http;
 pub mod metrics;
+pub mod nginx;
 pub mod notify;
 pub mod raw_http;
 pub mod scenario;
