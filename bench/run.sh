@@ -11,6 +11,9 @@
 #   hook         the AuthorizedKeysCommand against cat (bench/hook.sh, when present)
 #   login        f. key saved on the account -> working ssh login, with and without the
 #                   login-triggered refresh; real sshd, needs root (benches/login.rs)
+#   fanout       g. 100 agents behind the nginx fleet recipe against 100 straight at the
+#                   origin: origin requests per change, propagation, nginx restart,
+#                   polling through the cache; needs nginx and nchan (benches/fanout.rs)
 #   fleet        b. 1,000 agents (as many as memory allows, ≥ 200) against one control plane,
 #                   with a 30 s outage (benches/fleet.rs)
 #
@@ -23,7 +26,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-all=(sync_pass propagation idle hook login fleet)
+all=(sync_pass propagation idle hook login fanout fleet)
 if [ $# -gt 0 ]; then parts=("$@"); else parts=("${all[@]}"); fi
 for p in "${parts[@]}"; do
     case " ${all[*]} " in *" $p "*) ;; *) echo "unknown part: $p (one of: ${all[*]})" >&2; exit 2 ;; esac

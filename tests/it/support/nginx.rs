@@ -103,8 +103,14 @@ impl Nginx {
         self.spawn();
     }
 
+    /// nginx's error log so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("log-error.log")).unwrap_or_default()
+        std::fs::read_to_string(self.log_path("error")).unwrap_or_default()
+    }
+
+    /// Where the recipe's `error` or `access` log is.
+    pub fn log_path(&self, which: &str) -> PathBuf {
+        self.dir.path().join(format!("log-{which}.log"))
     }
 
     pub fn url(&self, path: &str) -> String {
