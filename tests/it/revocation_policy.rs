@@ -20,6 +20,7 @@ use crate::support::agent::Agent;
 use crate::support::block::block_keys;
 use crate::support::env::{TestEnv, bin};
 use crate::support::fake_cp::{FakeControlPlane, fixture_keys, gen_ed25519_keys};
+use crate::support::scenario::with_fake;
 use crate::support::sshd::{self, Sshd, base_config, client_key};
 use crate::support::users::TestUser;
 use crate::support::{DEADLINE, blocking, eventually, text};
@@ -276,62 +277,62 @@ async fn every_written_line_holds_the_key_keysync_reports() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn written_lines_carry_an_expiry_time_that_openssh_reads() {
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
     let [alice, bob, _] = fixture_keys();
-    cp.set_keys([
-        alice.to_string(),
-        format!("no-pty,command=\"echo a b\" {bob}"),
-    ]);
-    let url = cp.url();
-    blocking(move || {
-        let env = TestEnv::new();
-        env.write_config(config(
-            &env,
-            &vast(&url),
-            "root",
-            "options = \"restrict,port-forwarding\"",
-            "allow_source_options = true\nmax_stale = \"2h\"",
-        ));
-        let before = unix_secs(SystemTime::now());
-        let out = run_once(&env, |_| {});
-        let after = unix_secs(SystemTime::now());
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        let content = env.read_target().expect("target written");
-        let lines = block_keys(&content);
-        assert_eq!(lines.len(), 2, "{content}");
-        for line in &lines {
-            // Within the second of the answer, plus two hours.
-            let expiry = expiry_of(line);
-            assert!(
-                (before + 7200 - 1..=after + 7200).contains(&expiry),
-                "{line}: expiry {expiry}, answer between {before} and {after}"
+    with_fake(
+        [
+            alice.to_string(),
+            format!("no-pty,command=\"echo a b\" {bob}"),
+        ],
+        move |cp| {
+            let url = cp.url();
+            let env = TestEnv::new();
+            env.write_config(config(
+                &env,
+                &vast(&url),
+                "root",
+                "options = \"restrict,port-forwarding\"",
+                "allow_source_options = true\nmax_stale = \"2h\"",
+            ));
+            let before = unix_secs(SystemTime::now());
+            let out = run_once(&env, |_| {});
+            let after = unix_secs(SystemTime::now());
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            let content = env.read_target().expect("target written");
+            let lines = block_keys(&content);
+            assert_eq!(lines.len(), 2, "{content}");
+            for line in &lines {
+                // Within the second of the answer, plus two hours.
+                let expiry = expiry_of(line);
+                assert!(
+                    (before + 7200 - 1..=after + 7200).contains(&expiry),
+                    "{line}: expiry {expiry}, answer between {before} and {after}"
+                );
+            }
+            let rest = |line: &str| line.split_once("Z\",").map(|(_, r)| r.to_string());
+            assert_eq!(
+                lines.iter().filter_map(|l| rest(l)).collect::<Vec<_>>(),
+                [
+                    format!("restrict,port-forwarding {alice}"),
+                    format!("restrict,port-forwarding,no-pty,command=\"echo a b\" {bob}"),
+                ],
+                "the expiry first, then the user's options, then the key's"
             );
-        }
-        let rest = |line: &str| line.split_once("Z\",").map(|(_, r)| r.to_string());
-        assert_eq!(
-            lines.iter().filter_map(|l| rest(l)).collect::<Vec<_>>(),
-            [
-                format!("restrict,port-forwarding {alice}"),
-                format!("restrict,port-forwarding,no-pty,command=\"echo a b\" {bob}"),
-            ],
-            "the expiry first, then the user's options, then the key's"
-        );
-        // OpenSSH reads every line, as the key it is.
-        let read = ssh_keygen_fingerprints(&env.target());
-        assert_eq!(
-            read,
-            [
-                fingerprint_of(env.path(), alice),
-                fingerprint_of(env.path(), bob)
-            ]
-        );
-        // The hook's cache holds the same lines.
-        assert_eq!(
-            block_keys(&content).join("\n") + "\n",
-            env.cache("root").unwrap_or_default()
-        );
-    })
+            // OpenSSH reads every line, as the key it is.
+            let read = ssh_keygen_fingerprints(&env.target());
+            assert_eq!(
+                read,
+                [
+                    fingerprint_of(env.path(), alice),
+                    fingerprint_of(env.path(), bob)
+                ]
+            );
+            // The hook's cache holds the same lines.
+            assert_eq!(
+                block_keys(&content).join("\n") + "\n",
+                env.cache("root").unwrap_or_default()
+            );
+        },
+    )
     .await;
 }
 
@@ -342,10 +343,8 @@ async fn a_real_sshd_refuses_a_line_past_its_expiry_time() {
     {
         return;
     }
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    let url = cp.url();
-    blocking(move || {
+    with_fake(Vec::<String>::new(), move |cp| {
+        let url = cp.url();
         let env = TestEnv::new();
         let name = format!("ksx{}", std::process::id());
         let user = TestUser::login_user(&name);
@@ -510,11 +509,8 @@ async fn a_persisted_answer_from_the_future_is_stale_after_a_restart() {
     if !have_faketime("a_persisted_answer_from_the_future_is_stale_after_a_restart") {
         return;
     }
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
-    cp.set_keys(gen_ed25519_keys(2));
-    let url = cp.url();
-    blocking(move || {
+    with_fake(gen_ed25519_keys(2), move |cp| {
+        let url = cp.url();
         let env = TestEnv::new();
         env.write_config(config(&env, &vast(&url), "root", "", "max_stale = \"1h\""));
         let spec = env.path().join("faketime");
@@ -562,12 +558,9 @@ async fn a_persisted_answer_from_the_future_is_stale_after_a_restart() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_list_shrinking_step_by_step_waits_for_confirmation() {
-    let cp = FakeControlPlane::start().await;
-    cp.set_token(Some("test-token"));
     let keys = gen_ed25519_keys(4);
-    cp.set_keys(keys.clone());
-    let url = cp.url();
-    blocking(move || {
+    with_fake(keys.clone(), move |cp| {
+        let url = cp.url();
         let env = TestEnv::new();
         env.write_config(config(
             &env,

@@ -22,7 +22,9 @@ use crate::support::config::{Config, User};
 use crate::support::env::TestEnv;
 use crate::support::files::chmod;
 use crate::support::scenario::{Scenario, with_no_keys};
-use crate::support::sshd::{HookBinary, Sshd, base_config, can_run as sshd_can_run, client_key};
+use crate::support::sshd::{
+    ClientKey, HookBinary, Sshd, base_config, can_run as sshd_can_run, client_key,
+};
 use crate::support::text;
 use crate::support::users::TestUser;
 
@@ -284,11 +286,11 @@ fn revocation_scenario(s: &Scenario) {
             &base_config(&dir, &user.name, &format!("{keys}{revoked}")),
         )
     };
-    let mut by_file = start(
+    let by_file = start(
         "by-file",
         "AuthorizedKeysFile .ssh/authorized_keys\n".into(),
     );
-    let mut by_hook = start(
+    let by_hook = start(
         "by-hook",
         format!(
             "AuthorizedKeysFile none\n\
@@ -300,17 +302,20 @@ fn revocation_scenario(s: &Scenario) {
         ),
     );
     let name = &user.name;
-    for (sshd, how) in [
-        (&mut by_file, "authorized_keys"),
-        (&mut by_hook, "the hook"),
-    ] {
-        sshd.assert_logs_in(
-            name,
-            &copied,
-            &format!("the copied key on the account, through {how}"),
-        );
-        sshd.assert_logs_in(name, &other, &format!("the other key, through {how}"));
-    }
+    let mut both = [(by_file, "authorized_keys"), (by_hook, "the hook")];
+    // Every check runs through both: the file, and the hook alone.
+    let mut check = |key: &ClientKey, logs_in: bool, what: &str| {
+        for (sshd, how) in &mut both {
+            let what = format!("{what}, through {how}");
+            if logs_in {
+                sshd.assert_logs_in(name, key, &what);
+            } else {
+                sshd.assert_refused(name, key, &what);
+            }
+        }
+    };
+    check(&copied, true, "the copied key on the account");
+    check(&other, true, "the other key");
 
     assert!(cp.remove_key(&copied.public), "the fake had the key");
     sync(env, "the copied key deleted on the account");
@@ -319,34 +324,12 @@ fn revocation_scenario(s: &Scenario) {
         content.starts_with(&format!("{}\n", copied.public)),
         "the platform's line is the platform's: kept\n{content}"
     );
-    for (sshd, how) in [
-        (&mut by_file, "authorized_keys"),
-        (&mut by_hook, "the hook"),
-    ] {
-        sshd.assert_refused(
-            name,
-            &copied,
-            &format!("the deleted key, copied outside the block, through {how}"),
-        );
-        sshd.assert_logs_in(
-            name,
-            &other,
-            &format!("the key still on the account, through {how}"),
-        );
-    }
+    check(&copied, false, "the deleted key, copied outside the block");
+    check(&other, true, "the key still on the account");
 
     cp.add_key(&copied.public);
     sync(env, "the copied key back on the account");
-    for (sshd, how) in [
-        (&mut by_file, "authorized_keys"),
-        (&mut by_hook, "the hook"),
-    ] {
-        sshd.assert_logs_in(
-            name,
-            &copied,
-            &format!("the key back on the account, through {how}"),
-        );
-    }
+    check(&copied, true, "the key back on the account");
     drop(hook_binary);
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::support::block::block_keys;
 use super::support::config::{Config, User};
-use super::support::env::{TestEnv, bin};
+use super::support::env::{TestEnv, bin, keysync_cmd};
 use super::support::eventually;
 use super::support::fake_cp::{FakeControlPlane, fixture_keys};
 
@@ -44,10 +44,8 @@ async fn a_second_agent_on_the_same_state_dir_exits_2_naming_the_first() {
         .to_string();
     std::fs::write(&other, text).unwrap();
     let second = tokio::task::spawn_blocking(move || {
-        Command::new(bin())
-            .args(["run", "--config", other.to_str().unwrap()])
+        keysync_cmd(&["run", "--config", other.to_str().unwrap()])
             .env("KEYSYNC_TEST_API_KEY", "test-token")
-            .env_remove("NOTIFY_SOCKET")
             .output()
             .unwrap()
     })
