@@ -32,9 +32,8 @@ use crate::support::agent::Agent;
 use crate::support::config::{Config, User};
 use crate::support::env::{TestEnv, bin};
 use crate::support::fake_cp::{Endpoint, FakeControlPlane, Fault, base64_encode, fixture_keys};
-use crate::support::files::chmod;
 use crate::support::http::{self, Response};
-use crate::support::sshd::{ClientKey, HookBinary, Sshd, base_config, can_run, client_key};
+use crate::support::sshd::{ClientKey, HookBinary, LoginRig, Sshd, base_config, can_run};
 use crate::support::users::TestUser;
 use crate::support::{blocking, current_user, eventually, text};
 
@@ -148,21 +147,14 @@ struct World {
 /// `none`: the hook is the only way in.
 fn world(cp: &FakeControlPlane, tag: &str, write: &str) -> World {
     let env = TestEnv::new();
-    // The hook user reaches the state dir and the socket through group root.
-    chmod(env.path(), 0o750);
-    let name = format!("ksr{}{tag}", std::process::id());
-    let user = TestUser::login_user(&name);
-    let hook_user = TestUser::hook_user(&format!("{name}k"));
-    let binary = HookBinary::install();
-    let keys = env.path().join("client-keys");
-    std::fs::create_dir(&keys).expect("mkdir client-keys");
-    let first = client_key(&keys, "first");
-    let later = client_key(&keys, "later");
-    let stranger = client_key(&keys, "stranger");
+    let rig = LoginRig::new(env.path(), &format!("ksr{}{tag}", std::process::id()));
+    let first = rig.key("first");
+    let later = rig.key("later");
+    let stranger = rig.key("stranger");
 
     cp.set_keys([first.public.clone()]);
-    env.write_config(agent_config(&env, &cp.url(), &user.name, write));
-    let agent = start_agent(&env, &user.name, &first.public);
+    env.write_config(agent_config(&env, &cp.url(), &rig.user.name, write));
+    let agent = start_agent(&env, &rig.user.name, &first.public);
 
     let files = if write == "none" {
         "none"
@@ -170,18 +162,19 @@ fn world(cp: &FakeControlPlane, tag: &str, write: &str) -> World {
         ".ssh/authorized_keys"
     };
     let keys_config = format!(
-        "AuthorizedKeysFile {files}\n\
-         AuthorizedKeysCommand {} authorized-keys --state-dir {} --socket {} %u %f\n\
-         AuthorizedKeysCommandUser {}\n",
-        binary.path().display(),
-        env.state_dir().display(),
-        env.socket().display(),
-        hook_user.name,
+        "AuthorizedKeysFile {files}\n{}",
+        rig.hook_lines(&env.state_dir(), Some(&env.socket())),
     );
     let sshd = Sshd::start(
         env.path(),
-        &base_config(env.path(), &user.name, &keys_config),
+        &base_config(env.path(), &rig.user.name, &keys_config),
     );
+    let LoginRig {
+        user,
+        hook_user,
+        binary,
+        ..
+    } = rig;
     World {
         env,
         user,

@@ -58,6 +58,13 @@ write = "block"
     )
 }
 
+/// A fresh environment whose root user follows `cp`'s account.
+fn root_env(cp: &FakeControlPlane, user_extra: &str, policy: &str) -> TestEnv {
+    let env = TestEnv::new();
+    env.write_config(config(&env, &vast(&cp.url()), "root", user_extra, policy));
+    env
+}
+
 /// The vast source table for the fake control plane at `url`.
 fn vast(url: &str) -> String {
     format!(
@@ -284,15 +291,11 @@ async fn written_lines_carry_an_expiry_time_that_openssh_reads() {
             format!("no-pty,command=\"echo a b\" {bob}"),
         ],
         move |cp| {
-            let url = cp.url();
-            let env = TestEnv::new();
-            env.write_config(config(
-                &env,
-                &vast(&url),
-                "root",
+            let env = root_env(
+                cp,
                 "options = \"restrict,port-forwarding\"",
                 "allow_source_options = true\nmax_stale = \"2h\"",
-            ));
+            );
             let before = unix_secs(SystemTime::now());
             let out = run_once(&env, |_| {});
             let after = unix_secs(SystemTime::now());
@@ -510,9 +513,7 @@ async fn a_persisted_answer_from_the_future_is_stale_after_a_restart() {
         return;
     }
     with_fake(gen_ed25519_keys(2), move |cp| {
-        let url = cp.url();
-        let env = TestEnv::new();
-        env.write_config(config(&env, &vast(&url), "root", "", "max_stale = \"1h\""));
+        let env = root_env(cp, "", "max_stale = \"1h\"");
         let spec = env.path().join("faketime");
 
         // A restart with the API down serves the last good keys while they
@@ -560,15 +561,7 @@ async fn a_persisted_answer_from_the_future_is_stale_after_a_restart() {
 async fn a_list_shrinking_step_by_step_waits_for_confirmation() {
     let keys = gen_ed25519_keys(4);
     with_fake(keys.clone(), move |cp| {
-        let url = cp.url();
-        let env = TestEnv::new();
-        env.write_config(config(
-            &env,
-            &vast(&url),
-            "root",
-            "",
-            "confirm_delay = \"3s\"",
-        ));
+        let env = root_env(cp, "", "confirm_delay = \"3s\"");
         let agent = env.spawn();
         assert!(
             eventually(DEADLINE, || block_of(&env).len() == 4),

@@ -23,7 +23,7 @@ use crate::support::env::TestEnv;
 use crate::support::files::chmod;
 use crate::support::scenario::{Scenario, with_no_keys};
 use crate::support::sshd::{
-    ClientKey, HookBinary, Sshd, base_config, can_run as sshd_can_run, client_key,
+    ClientKey, HookBinary, LoginRig, Sshd, base_config, can_run as sshd_can_run, client_key,
 };
 use crate::support::text;
 use crate::support::users::TestUser;
@@ -261,15 +261,10 @@ async fn none_mode_with_fingerprint_argument() {
 /// again.
 fn revocation_scenario(s: &Scenario) {
     let (cp, env) = (&s.cp, &s.env);
-    chmod(env.path(), 0o750);
-    let names = format!("ksr{}", std::process::id());
-    let user = TestUser::login_user(&names);
-    let hook_user = TestUser::hook_user(&format!("{names}k"));
-    let hook_binary = HookBinary::install();
-    let keys_dir = env.path().join("client-keys");
-    std::fs::create_dir(&keys_dir).expect("mkdir client-keys");
-    let copied = client_key(&keys_dir, "copied");
-    let other = client_key(&keys_dir, "other");
+    let rig = LoginRig::new(env.path(), &format!("ksv{}", std::process::id()));
+    let user = &rig.user;
+    let copied = rig.key("copied");
+    let other = rig.key("other");
     // The platform's copy, outside keysync's block.
     user.write_by_hand("authorized_keys", &format!("{}\n", copied.public));
     cp.set_keys([copied.public.clone(), other.public.clone()]);
@@ -292,14 +287,7 @@ fn revocation_scenario(s: &Scenario) {
     );
     let by_hook = start(
         "by-hook",
-        format!(
-            "AuthorizedKeysFile none\n\
-             AuthorizedKeysCommand {} authorized-keys --state-dir {} %u %f\n\
-             AuthorizedKeysCommandUser {}\n",
-            hook_binary.path().display(),
-            state.display(),
-            hook_user.name,
-        ),
+        format!("AuthorizedKeysFile none\n{}", rig.hook_lines(&state, None)),
     );
     let name = &user.name;
     let mut both = [(by_file, "authorized_keys"), (by_hook, "the hook")];
@@ -330,7 +318,6 @@ fn revocation_scenario(s: &Scenario) {
     cp.add_key(&copied.public);
     sync(env, "the copied key back on the account");
     check(&copied, true, "the key back on the account");
-    drop(hook_binary);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::env::bin;
 use super::files::chmod;
+use super::users::TestUser;
 use super::{eventually, is_root, log_tail, output_within, text};
 
 pub const SSHD: &str = "/usr/sbin/sshd";
@@ -80,6 +81,51 @@ impl HookBinary {
 
     pub fn path(&self) -> PathBuf {
         self.dir.path().join("keysync")
+    }
+}
+
+/// The parts of a login through the hook: a login user, the user the hook
+/// runs as, the installed binary, and a directory for client keys. The
+/// hook user reaches the state dir and the socket through group root, so
+/// `dir` becomes 0750.
+pub struct LoginRig {
+    pub user: TestUser,
+    pub hook_user: TestUser,
+    pub binary: HookBinary,
+    keys: PathBuf,
+}
+
+impl LoginRig {
+    /// Users named `name` and `{name}k`.
+    pub fn new(dir: &Path, name: &str) -> LoginRig {
+        chmod(dir, 0o750);
+        let user = TestUser::login_user(name);
+        let hook_user = TestUser::hook_user(&format!("{name}k"));
+        let keys = dir.join("client-keys");
+        std::fs::create_dir(&keys).expect("mkdir client-keys");
+        LoginRig {
+            user,
+            hook_user,
+            binary: HookBinary::install(),
+            keys,
+        }
+    }
+
+    pub fn key(&self, name: &str) -> ClientKey {
+        client_key(&self.keys, name)
+    }
+
+    /// The sshd lines that run the hook with `%u %f` (and `--socket`, when
+    /// given, for the login-triggered refresh).
+    pub fn hook_lines(&self, state_dir: &Path, socket: Option<&Path>) -> String {
+        let socket = socket.map_or(String::new(), |s| format!(" --socket {}", s.display()));
+        format!(
+            "AuthorizedKeysCommand {} authorized-keys --state-dir {}{socket} %u %f\n\
+             AuthorizedKeysCommandUser {}\n",
+            self.binary.path().display(),
+            state_dir.display(),
+            self.hook_user.name,
+        )
     }
 }
 
