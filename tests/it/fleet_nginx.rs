@@ -78,6 +78,16 @@ impl Fleet {
             nginx.log()
         );
     }
+
+    /// The origin saves `key` and publishes; returns the list requests the
+    /// origin saw until every agent had it.
+    fn change(&self, cp: &FakeControlPlane, nginx: &Nginx, key: &str, what: &str) -> usize {
+        let before = list_requests(cp);
+        cp.add_key(key);
+        nginx.publish();
+        self.wait_for(key, what, nginx);
+        list_requests(cp) - before
+    }
 }
 
 fn key(n: u8) -> String {
@@ -112,11 +122,7 @@ async fn the_fleet_recipe_costs_the_origin_two_requests_per_change_and_survives_
         );
 
         // One change: the origin publishes, every agent fetches.
-        let before = list_requests(cp);
-        cp.add_key(&key(2));
-        nginx.publish();
-        fleet.wait_for(&key(2), "one change", &nginx);
-        let cost = list_requests(cp) - before;
+        let cost = fleet.change(cp, &nginx, &key(2), "one change");
         assert!(
             (1..=2).contains(&cost),
             "one change cost the origin {cost} list requests for {AGENTS} agents"
@@ -146,11 +152,7 @@ async fn the_fleet_recipe_costs_the_origin_two_requests_per_change_and_survives_
             "not every agent reconnected after the restart:\n{}",
             nginx.log()
         );
-        let before = list_requests(cp);
-        cp.add_key(&key(5));
-        nginx.publish();
-        fleet.wait_for(&key(5), "a change after the restart", &nginx);
-        let cost = list_requests(cp) - before;
+        let cost = fleet.change(cp, &nginx, &key(5), "a change after the restart");
         assert!(
             cost <= 2 + AGENTS,
             "after the restart one change cost {cost} list requests"
