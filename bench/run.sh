@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark suite of DESIGN.md §9, in one command:
 #
-#   bash bench/run.sh              # everything, ~25 min; rewrites the results in docs/benchmarks.md
+#   bash bench/run.sh              # everything, ~30 min; rewrites the results in docs/benchmarks.md
 #   bash bench/run.sh fleet idle   # only these parts; results to target/bench-results.md
 #
 # Parts (each compares with a baseline measured in the same run):
