@@ -85,31 +85,13 @@ fn config(dir: &Path, user: &str, at: &Endpoints) -> String {
         .as_ref()
         .map(|u| format!("subscribe_url = \"{u}\"\n"))
         .unwrap_or_default();
-    format!(
-        r#"state_dir = "{d}/state"
-health_socket = "{d}/h.sock"
-
-[sources.account]
-kind = "vast"
-url = "{list}"
-{events}api_key_env = "KEYSYNC_BENCH_API_KEY"
-interval = "{interval}s"
-jitter = "{jitter}s"
-max_backoff = "30s"
-resync = "10m"
-timeout = "5s"
-
-[[users]]
-name = "{user}"
-sources = ["account"]
-write = "block"
-path = "{d}/authorized_keys"
-"#,
-        d = dir.display(),
-        list = at.list,
-        interval = INTERVAL.as_secs(),
-        jitter = JITTER.as_secs(),
-    )
+    let source = format!(
+        "{}\n{events}interval = \"{}s\"\njitter = \"{}s\"\nmax_backoff = \"30s\"\nresync = \"10m\"\ntimeout = \"5s\"",
+        common::vast_source(&at.list),
+        INTERVAL.as_secs(),
+        JITTER.as_secs(),
+    );
+    common::agent_config(dir, &source, user)
 }
 
 /// The first arrival of the awaited key in each agent's file.
@@ -199,7 +181,7 @@ impl Fleet {
     }
 
     fn socket(&self, i: usize) -> PathBuf {
-        self.dirs[i].join("h.sock")
+        self.dirs[i].join("health.sock")
     }
 
     /// Waits until every agent has `key` and, with `streams`, its stream up.

@@ -48,30 +48,14 @@ const AFTER: Duration = Duration::from_secs(40);
 const MAX_BURST: f64 = 3.0;
 
 fn config(dir: &Path, url: &str, id: usize, user: &str) -> String {
-    format!(
-        r#"state_dir = "{d}/state"
-health_socket = "{d}/h.sock"
-
-[sources.account]
-kind = "vast"
-url = "{url}?agent={id}"
-api_key_env = "KEYSYNC_BENCH_API_KEY"
-interval = "{interval}s"
-jitter = "{jitter}s"
-timeout = "5s"
-max_backoff = "{max_backoff}s"
-
-[[users]]
-name = "{user}"
-sources = ["account"]
-write = "block"
-path = "{d}/authorized_keys"
-"#,
-        d = dir.display(),
-        interval = INTERVAL.as_secs(),
-        jitter = JITTER.as_secs(),
-        max_backoff = MAX_BACKOFF.as_secs(),
-    )
+    let source = format!(
+        "{}\ninterval = \"{}s\"\njitter = \"{}s\"\ntimeout = \"5s\"\nmax_backoff = \"{}s\"",
+        common::vast_source(&format!("{url}?agent={id}")),
+        INTERVAL.as_secs(),
+        JITTER.as_secs(),
+        MAX_BACKOFF.as_secs(),
+    );
+    common::agent_config(dir, &source, user)
 }
 
 fn agent_id(r: &RequestRecord) -> Option<usize> {

@@ -41,24 +41,6 @@ const SETTLE: Duration = Duration::from_secs(15);
 /// Flagged as busy: more wake-ups per second than this (a timer of 500 ms or faster).
 const BUSY_WAKEUPS_PER_S: f64 = 2.0;
 
-fn config(dir: &Path, source: &str, user: &str) -> String {
-    format!(
-        r#"state_dir = "{d}/state"
-health_socket = "{d}/health.sock"
-
-[sources.account]
-{source}
-
-[[users]]
-name = "{user}"
-sources = ["account"]
-write = "block"
-path = "{d}/authorized_keys"
-"#,
-        d = dir.display(),
-    )
-}
-
 /// A throw-away CA and a certificate for 127.0.0.1 signed by it, made with
 /// the `openssl` command in `dir`: (CA file, certificate, key), or None
 /// without openssl.
@@ -264,8 +246,8 @@ fn main() {
 
     let vast = |tag: &str| {
         format!(
-            "kind = \"vast\"\nurl = \"{}?agent={tag}\"\napi_key_env = \"KEYSYNC_BENCH_API_KEY\"\ninterval = \"60s\"\njitter = \"10s\"",
-            cp.url()
+            "{}\ninterval = \"60s\"\njitter = \"10s\"",
+            common::vast_source(&format!("{}?agent={tag}", cp.url()))
         )
     };
     let tls_dir = work.path().join("tls");
@@ -292,8 +274,8 @@ fn main() {
     if let Some((front, ca)) = &tls {
         let https = |tag: &str| {
             format!(
-                "kind = \"vast\"\nurl = \"https://{front}/api/v0/ssh/?agent={tag}\"\napi_key_env = \"KEYSYNC_BENCH_API_KEY\"\n\
-                 ca_file = \"{}\"\ninterval = \"60s\"\njitter = \"10s\"",
+                "{}\nca_file = \"{}\"\ninterval = \"60s\"\njitter = \"10s\"",
+                common::vast_source(&format!("https://{front}/api/v0/ssh/?agent={tag}")),
                 ca.display()
             )
         };
@@ -313,7 +295,11 @@ fn main() {
     for (i, (label, source)) in setups.iter().enumerate() {
         let dir = work.path().join(format!("agent{i}"));
         std::fs::create_dir_all(&dir).expect("mkdir");
-        std::fs::write(dir.join("config.toml"), config(&dir, source, &user)).expect("config");
+        std::fs::write(
+            dir.join("config.toml"),
+            common::agent_config(&dir, source, &user),
+        )
+        .expect("config");
         // The log level a service runs with.
         let pid = agents.spawn(&dir.join("config.toml"), &dir.join("agent.log"), None);
         watched.push((label.to_string(), pid));

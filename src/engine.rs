@@ -472,19 +472,13 @@ mod tests {
     }
 
     fn settings(max_stale: Option<Duration>) -> Settings {
-        let source = |name: &str| SourceSettings {
-            name: name.into(),
-            kind: SourceKind::File {
-                path: PathBuf::from("/x"),
-            },
-            interval: Duration::from_secs(60),
-            jitter: Duration::ZERO,
-            timeout: Duration::from_secs(10),
-            max_body: 1 << 20,
-            max_backoff: Duration::from_secs(300),
-            subscribe_url: None,
-            resync: Duration::from_secs(600),
-            ca_file: None,
+        let source = |name: &str| {
+            SourceSettings::for_tests(
+                name,
+                SourceKind::File {
+                    path: PathBuf::from("/x"),
+                },
+            )
         };
         Settings {
             config_path: PathBuf::new(),

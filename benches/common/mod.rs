@@ -18,6 +18,33 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The config of one benchmark agent: state dir, `health.sock` and
+/// `authorized_keys` in `dir`, the source `account` (the body of its
+/// table: `kind = …` and the rest), and `user` in block mode.
+pub fn agent_config(dir: &Path, source: &str, user: &str) -> String {
+    format!(
+        r#"state_dir = "{d}/state"
+health_socket = "{d}/health.sock"
+
+[sources.account]
+{source}
+
+[[users]]
+name = "{user}"
+sources = ["account"]
+write = "block"
+path = "{d}/authorized_keys"
+"#,
+        d = dir.display(),
+    )
+}
+
+/// The vast source at `url`, with its API key from `KEYSYNC_BENCH_API_KEY`,
+/// as the first lines of a source table.
+pub fn vast_source(url: &str) -> String {
+    format!("kind = \"vast\"\nurl = \"{url}\"\napi_key_env = \"KEYSYNC_BENCH_API_KEY\"")
+}
+
 /// The `keysync` binary cargo built for this benchmark (release settings).
 /// The runtime that serves a benchmark's fake control plane.
 pub fn runtime() -> tokio::runtime::Runtime {

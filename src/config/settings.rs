@@ -67,6 +67,26 @@ pub struct SourceSettings {
     pub ca_file: Option<PathBuf>,
 }
 
+#[cfg(test)]
+impl SourceSettings {
+    /// A source of `kind` with the defaults of DESIGN.md §7 but no jitter,
+    /// for unit tests.
+    pub(crate) fn for_tests(name: &str, kind: SourceKind) -> SourceSettings {
+        SourceSettings {
+            name: name.into(),
+            kind,
+            interval: Duration::from_secs(60),
+            jitter: Duration::ZERO,
+            timeout: Duration::from_secs(10),
+            max_body: 4 << 20,
+            max_backoff: Duration::from_secs(300),
+            subscribe_url: None,
+            resync: Duration::from_secs(600),
+            ca_file: None,
+        }
+    }
+}
+
 /// What a source reads.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]

@@ -269,18 +269,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("key");
         std::fs::write(&key, "k").unwrap();
-        let settings = SourceSettings {
-            name: "cp".into(),
-            kind: crate::config::SourceKind::File { path: key.clone() },
-            interval: Duration::from_secs(60),
-            jitter: Duration::ZERO,
-            timeout: Duration::from_secs(10),
-            max_body: 1 << 20,
-            max_backoff: Duration::from_secs(300),
-            subscribe_url: None,
-            resync: Duration::from_secs(600),
-            ca_file: None,
-        };
+        let settings =
+            SourceSettings::for_tests("cp", crate::config::SourceKind::File { path: key.clone() });
         let api_key = ApiKeySource {
             api_key_file: Some(key),
             api_key_env: "KEYSYNC_TEST_NOT_SET_3".into(),
