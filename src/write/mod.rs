@@ -49,7 +49,19 @@ mod walk;
 pub(crate) use ids::as_user;
 pub use strict::strict_modes_problem;
 use temp::remove_stale_temps;
-use walk::Writer;
+
+/// One call's view of its spec. `walk.rs` finds the file below `base`
+/// (`Writer::new`, `locate`); `target.rs` reads, replaces and removes it.
+struct Writer<'a> {
+    spec: &'a FileSpec,
+    /// Directories between base and the file.
+    dirs: Vec<OsString>,
+    name: OsString,
+    /// `base`, opened as the process (root controls the path to it).
+    base_fd: OwnedFd,
+    /// euid 0: chown and fsuid switching are possible.
+    root: bool,
+}
 
 /// Files larger than this are refused instead of read (authorized_keys files
 /// are kilobytes; 10,000 keys are about 1 MiB).

@@ -10,7 +10,7 @@ use std::os::fd::AsRawFd;
 use nix::fcntl::{self, AtFlags, OFlag};
 use nix::sys::stat::{self, FileStat, Mode, SFlag};
 
-use super::walk::Writer;
+use super::Writer;
 use super::*;
 
 /// Why sshd's StrictModes would refuse the file `spec` names, walking as

@@ -17,7 +17,6 @@ use nix::unistd::{self, UnlinkatFlags};
 use tracing::{debug, warn};
 
 use super::temp::TempFile;
-use super::walk::Writer;
 use super::*;
 
 /// The identity of a file as seen by fstat: if any of it differs, someone

@@ -3,7 +3,7 @@
 //! each step (the protocol in the module docs of `write`; what is done with
 //! the file once found is in `target`).
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
@@ -16,18 +16,6 @@ use tracing::{debug, warn};
 use super::ids::FsIds;
 use super::target::Target;
 use super::*;
-
-/// One call's view of its spec.
-pub(super) struct Writer<'a> {
-    pub(super) spec: &'a FileSpec,
-    /// Directories between base and the file.
-    pub(super) dirs: Vec<OsString>,
-    pub(super) name: OsString,
-    /// `base`, opened as the process (root controls the path to it).
-    pub(super) base_fd: OwnedFd,
-    /// euid 0: chown and fsuid switching are possible.
-    pub(super) root: bool,
-}
 
 impl<'a> Writer<'a> {
     pub(super) fn new(spec: &'a FileSpec) -> Result<Self, WriteError> {
