@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use common::{Agents, percentile};
 use support::eventually;
-use support::fake_cp::{Endpoint, FakeControlPlane};
+use support::fake_cp::FakeControlPlane;
 use support::files::chmod;
 use support::sshd::{self as sshd, ClientKey, HookBinary, Sshd, base_config, client_key};
 use support::users::TestUser;
@@ -100,13 +100,6 @@ fn sample(
         std::thread::sleep(RETRY);
     }
     None
-}
-
-fn list_requests(cp: &FakeControlPlane) -> usize {
-    cp.requests()
-        .iter()
-        .filter(|r| r.endpoint == Endpoint::List)
-        .count()
 }
 
 struct Row {
@@ -247,7 +240,7 @@ fn main() {
         target: "p99 < 3 s",
         verdict: "",
     };
-    let requests_before = list_requests(&cp);
+    let requests_before = cp.list_requests();
     let mut last = Instant::now() - GAP;
     for key in &keys[..tries] {
         std::thread::sleep(GAP.saturating_sub(last.elapsed()));
@@ -260,7 +253,7 @@ fn main() {
             None => with.lost += 1,
         }
     }
-    let refresh_requests = list_requests(&cp) - requests_before;
+    let refresh_requests = cp.list_requests() - requests_before;
     agents.stop(Duration::from_secs(5));
     let mut sorted = with.samples.clone();
     sorted.sort();
@@ -277,9 +270,9 @@ fn main() {
         agent_config(work.path(), &url, &name, &poll, "0s", "0s"),
     )
     .expect("config");
-    let before = list_requests(&cp);
+    let before = cp.list_requests();
     agents.spawn(&config, &log, None);
-    let started = eventually(Duration::from_secs(30), || list_requests(&cp) > before);
+    let started = eventually(Duration::from_secs(30), || cp.list_requests() > before);
     assert!(started, "the baseline agent did not fetch");
     eprintln!("== baseline, refresh off, poll {poll}: {baseline_tries} keys at random phases");
     let mut without = Row {

@@ -15,19 +15,12 @@ use crate::support::agent::Agent;
 use crate::support::config::{Config, User};
 use crate::support::current_user;
 use crate::support::env::TestEnv;
-use crate::support::fake_cp::{EVENTS_PATH, Endpoint, FakeControlPlane, LIST_PATH};
+use crate::support::fake_cp::{EVENTS_PATH, FakeControlPlane, LIST_PATH};
 use crate::support::nginx::{self, Nginx};
 use crate::support::scenario::Scenario;
 use crate::support::{DEADLINE, can_run, eventually};
 
 const AGENTS: usize = 5;
-
-fn list_requests(cp: &FakeControlPlane) -> usize {
-    cp.requests()
-        .iter()
-        .filter(|r| r.endpoint == Endpoint::List)
-        .count()
-}
 
 struct Fleet {
     agents: Vec<(TestEnv, Agent)>,
@@ -82,11 +75,11 @@ impl Fleet {
     /// The origin saves `key` and publishes; returns the list requests the
     /// origin saw until every agent had it.
     fn change(&self, cp: &FakeControlPlane, nginx: &Nginx, key: &str, what: &str) -> usize {
-        let before = list_requests(cp);
+        let before = cp.list_requests();
         cp.add_key(key);
         nginx.publish();
         self.wait_for(key, what, nginx);
-        list_requests(cp) - before
+        cp.list_requests() - before
     }
 }
 
@@ -130,7 +123,7 @@ async fn the_fleet_recipe_costs_the_origin_two_requests_per_change_and_survives_
 
         // Two changes 300 ms apart: the second is not answered from the
         // entry the first filled.
-        let before = list_requests(cp);
+        let before = cp.list_requests();
         cp.add_key(&key(3));
         nginx.publish();
         std::thread::sleep(Duration::from_millis(300));
@@ -138,7 +131,7 @@ async fn the_fleet_recipe_costs_the_origin_two_requests_per_change_and_survives_
         nginx.publish();
         fleet.wait_for(&key(4), "the second of two changes 300 ms apart", &nginx);
         assert!(fleet.all_have(&key(3)));
-        let cost = list_requests(cp) - before;
+        let cost = cp.list_requests() - before;
         assert!(
             (2..=4).contains(&cost),
             "two changes cost the origin {cost} list requests for {AGENTS} agents"

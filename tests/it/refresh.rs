@@ -31,7 +31,7 @@ use keysync::keys::{Policy, parse_entry};
 use crate::support::agent::Agent;
 use crate::support::config::{Config, User};
 use crate::support::env::{TestEnv, bin};
-use crate::support::fake_cp::{Endpoint, FakeControlPlane, Fault, base64_encode, fixture_keys};
+use crate::support::fake_cp::{FakeControlPlane, Fault, base64_encode, fixture_keys};
 use crate::support::http::{self, Response};
 use crate::support::sshd::{ClientKey, HookBinary, LoginRig, Sshd, base_config, can_run};
 use crate::support::users::TestUser;
@@ -48,13 +48,6 @@ fn agent_config(env: &TestEnv, url: &str, user: &str, write: &str) -> Config {
         .set("interval", "60s")
         .set("timeout", "30s")
         .only_user(User::new(user, write))
-}
-
-fn list_requests(cp: &FakeControlPlane) -> usize {
-    cp.requests()
-        .iter()
-        .filter(|r| r.endpoint == Endpoint::List)
-        .count()
 }
 
 /// `SHA256:…` of a public key line.
@@ -163,7 +156,7 @@ fn world(cp: &FakeControlPlane, tag: &str, write: &str) -> World {
     };
     let keys_config = format!(
         "AuthorizedKeysFile {files}\n{}",
-        rig.hook_lines(&env.state_dir(), Some(&env.socket())),
+        rig.hook_lines(&env.state_dir(), Some(&env.socket()), true),
     );
     let sshd = Sshd::start(
         env.path(),
@@ -212,7 +205,7 @@ fn first_try(cp: &FakeControlPlane, tag: &str, write: &str) {
     // login below is the first since the key was saved, not a rate-limited one.
     std::thread::sleep(Duration::from_millis(5_200));
 
-    let polls = list_requests(cp);
+    let polls = cp.list_requests();
     cp.add_key(&w.later.public);
     // The agent's next poll is a minute away: only the refresh can do it.
     w.sshd.assert_logs_in(
@@ -221,7 +214,7 @@ fn first_try(cp: &FakeControlPlane, tag: &str, write: &str) {
         "a key saved on the account after the agent's last poll, on the FIRST ssh attempt",
     );
     assert!(
-        list_requests(cp) > polls,
+        cp.list_requests() > polls,
         "the login asked the control plane"
     );
     let socket = w.env.socket();
@@ -281,7 +274,7 @@ async fn a_key_on_neither_side_is_refused_after_about_2s_even_when_the_control_p
             "the refusal took {took:?}: the hook waited for the control plane"
         );
         assert!(
-            list_requests(cp) >= 2,
+            cp.list_requests() >= 2,
             "the refusal did ask the control plane"
         );
         w.sshd
@@ -323,7 +316,7 @@ async fn with_the_agent_stopped_cached_keys_log_in_and_unknown_keys_are_refused_
             assert!(took < HOOK_WAIT, "{case}: the hook took {took:?}");
             std::fs::remove_file(&socket).ok();
         }
-        assert_eq!(list_requests(cp), 1, "only the agent's first fetch");
+        assert_eq!(cp.list_requests(), 1, "only the agent's first fetch");
     })
     .await;
 }
@@ -351,7 +344,7 @@ async fn fifty_unknown_keys_in_ten_seconds_cost_at_most_three_list_requests() {
     with_fake(|cp| {
         let (env, agent, user) = hook_world(cp, |c| c);
         let (state, socket) = (env.state_dir(), env.socket());
-        let before = list_requests(cp);
+        let before = cp.list_requests();
         let started = Instant::now();
         let mut outs = Vec::new();
         // Five logins with unknown keys every second for ten seconds.
@@ -370,7 +363,7 @@ async fn fifty_unknown_keys_in_ten_seconds_cost_at_most_three_list_requests() {
             assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
             assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
         }
-        let asked = list_requests(cp) - before;
+        let asked = cp.list_requests() - before;
         assert!(
             (1..=3).contains(&asked),
             "50 unknown keys in 10 s made {asked} list requests (window 5 s: at most 3)\n{}",
@@ -406,7 +399,7 @@ async fn concurrent_requests_share_one_round_and_the_window_answers_429() {
     with_fake(|cp| {
         let (env, _agent, _) = hook_world(cp, |c| c);
         let socket = env.socket();
-        let before = list_requests(cp);
+        let before = cp.list_requests();
         // A slow control plane, so that every request comes while the round runs.
         cp.set_fault(Fault::Slow(Duration::from_millis(1_500)), Some(1));
         let barrier = std::sync::Arc::new(std::sync::Barrier::new(10));
@@ -424,7 +417,7 @@ async fn concurrent_requests_share_one_round_and_the_window_answers_429() {
             assert_eq!(answer.status, 200, "{body}");
             assert_eq!(body["refreshed"], true, "{body}");
         }
-        assert_eq!(list_requests(cp) - before, 1, "ten requests, one round");
+        assert_eq!(cp.list_requests() - before, 1, "ten requests, one round");
 
         let (answer, body) = post_refresh(&socket);
         assert_eq!(answer.status, 429, "inside the window: {answer:?}");
@@ -432,7 +425,7 @@ async fn concurrent_requests_share_one_round_and_the_window_answers_429() {
         assert_eq!(body["refreshed"], false, "{body}");
         assert!(body["age_ms"].as_u64().is_some(), "{body}");
         assert!(body["retry_after_ms"].as_u64() <= Some(5_000), "{body}");
-        assert_eq!(list_requests(cp) - before, 1, "answered without a fetch");
+        assert_eq!(cp.list_requests() - before, 1, "answered without a fetch");
         let counts = refresh_status(&socket);
         assert_eq!(
             (&counts["asked"], &counts["served"], &counts["rate_limited"]),
@@ -456,19 +449,19 @@ async fn a_refresh_never_shortens_a_backoff_or_a_retry_after() {
             let socket = env.socket();
             // The refresh's fetch meets the fault: the source backs off.
             cp.set_fault(fault, None);
-            let before = list_requests(cp);
+            let before = cp.list_requests();
             let (answer, body) = post_refresh(&socket);
             assert_eq!(
                 (answer.status, &body["refreshed"]),
                 (200, &false.into()),
                 "{what}: {body}"
             );
-            assert_eq!(list_requests(cp) - before, 1, "{what}: one fetch, failed");
+            assert_eq!(cp.list_requests() - before, 1, "{what}: one fetch, failed");
 
             std::thread::sleep(Duration::from_millis(1_200));
-            let before = list_requests(cp);
+            let before = cp.list_requests();
             let (answer, body) = post_refresh(&socket);
-            let after = list_requests(cp);
+            let after = cp.list_requests();
             assert_eq!(
                 (answer.status, &body["refreshed"]),
                 (200, &false.into()),
@@ -495,7 +488,7 @@ async fn zero_turns_the_refresh_off() {
     with_fake(|cp| {
         let (env, _agent, user) = hook_world(cp, |c| c.top("refresh_min_interval", "0s"));
         let socket = env.socket();
-        let before = list_requests(cp);
+        let before = cp.list_requests();
         let (answer, _) = post_refresh(&socket);
         assert_eq!(answer.status, 404, "{answer:?}");
         let (out, took) = hook(&env.state_dir(), &socket, &user, &unknown_fingerprint());
@@ -507,7 +500,7 @@ async fn zero_turns_the_refresh_off() {
             text(&out.stderr)
         );
         assert!(took < HOOK_WAIT, "answered at once, took {took:?}");
-        assert_eq!(list_requests(cp), before, "nothing fetched");
+        assert_eq!(cp.list_requests(), before, "nothing fetched");
         let counts = refresh_status(&socket);
         assert_eq!(
             (&counts["min_interval_ms"], &counts["off"]),

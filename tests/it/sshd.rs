@@ -20,13 +20,9 @@ use std::path::Path;
 use crate::support::block::block_keys;
 use crate::support::config::{Config, User};
 use crate::support::env::TestEnv;
-use crate::support::files::chmod;
 use crate::support::scenario::{Scenario, with_no_keys};
-use crate::support::sshd::{
-    ClientKey, HookBinary, LoginRig, Sshd, base_config, can_run as sshd_can_run, client_key,
-};
+use crate::support::sshd::{ClientKey, LoginRig, Sshd, base_config, can_run as sshd_can_run};
 use crate::support::text;
-use crate::support::users::TestUser;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -68,30 +64,19 @@ fn agent_config(env: &TestEnv, url: &str, user: &str, mode: Mode) -> Config {
         .only_user(User::new(user, mode.write()))
 }
 
-struct Hook<'a> {
-    binary: &'a Path,
-    user: &'a str,
-    state: &'a Path,
-}
-
-fn sshd_config(dir: &Path, login_user: &str, mode: Mode, hook: Option<Hook>) -> String {
-    let keys = match (mode, hook) {
-        (Mode::Block, _) => "AuthorizedKeysFile .ssh/authorized_keys\n".to_string(),
-        (Mode::Fragment, _) => {
+/// sshd's key lines for `mode`; in none mode the hook of `rig`, reading `state`.
+fn sshd_config(dir: &Path, rig: &LoginRig, mode: Mode, state: &Path) -> String {
+    let keys = match mode {
+        Mode::Block => "AuthorizedKeysFile .ssh/authorized_keys\n".to_string(),
+        Mode::Fragment => {
             "AuthorizedKeysFile .ssh/authorized_keys .ssh/authorized_keys.d/keysync\n".to_string()
         }
-        (Mode::None { fingerprint }, Some(hook)) => format!(
-            "AuthorizedKeysFile none\n\
-             AuthorizedKeysCommand {} authorized-keys --state-dir {} %u{}\n\
-             AuthorizedKeysCommandUser {}\n",
-            hook.binary.display(),
-            hook.state.display(),
-            if fingerprint { " %f" } else { "" },
-            hook.user,
+        Mode::None { fingerprint } => format!(
+            "AuthorizedKeysFile none\n{}",
+            rig.hook_lines(state, None, fingerprint)
         ),
-        (Mode::None { .. }, None) => unreachable!("none mode needs the hook"),
     };
-    base_config(dir, login_user, &keys)
+    base_config(dir, &rig.user.name, &keys)
 }
 
 /// One `keysync run --once`; it must succeed.
@@ -107,19 +92,14 @@ fn sync(env: &TestEnv, what: &str) {
 
 fn scenario(s: &Scenario, mode: Mode) {
     let (cp, env) = (&s.cp, &s.env);
-    // The hook user reaches the state dir through group root (see hook_user).
-    chmod(env.path(), 0o750);
-    let names = format!("kst{}{}", std::process::id(), mode.tag());
-    let user = TestUser::login_user(&names);
-    let hook_user =
-        matches!(mode, Mode::None { .. }).then(|| TestUser::hook_user(&format!("{names}k")));
-    let hook_binary = hook_user.as_ref().map(|_| HookBinary::install());
-
-    let keys_dir = env.path().join("client-keys");
-    std::fs::create_dir(&keys_dir).expect("mkdir client-keys");
-    let added_first = client_key(&keys_dir, "first");
-    let added_later = client_key(&keys_dir, "later");
-    let foreign = client_key(&keys_dir, "foreign");
+    let rig = LoginRig::new(
+        env.path(),
+        &format!("kst{}{}", std::process::id(), mode.tag()),
+    );
+    let user = &rig.user;
+    let added_first = rig.key("first");
+    let added_later = rig.key("later");
+    let foreign = rig.key("foreign");
 
     // In block and fragment mode the user's own authorized_keys holds a key
     // keysync knows nothing about.
@@ -132,16 +112,7 @@ fn scenario(s: &Scenario, mode: Mode) {
     cp.set_keys([added_first.public.clone()]);
     env.write_config(agent_config(env, &cp.url(), &user.name, mode));
     let state = env.state_dir();
-    let hook_path = hook_binary.as_ref().map(HookBinary::path);
-    let hook = hook_user
-        .as_ref()
-        .zip(hook_path.as_deref())
-        .map(|(u, binary)| Hook {
-            binary,
-            user: &u.name,
-            state: &state,
-        });
-    let mut sshd = Sshd::start(env.path(), &sshd_config(env.path(), &user.name, mode, hook));
+    let mut sshd = Sshd::start(env.path(), &sshd_config(env.path(), &rig, mode, &state));
     let name = &user.name;
     // The key put into authorized_keys by hand logs in throughout (block and fragment mode).
     let foreign_logs_in = |sshd: &mut Sshd, when: &str| {
@@ -287,7 +258,10 @@ fn revocation_scenario(s: &Scenario) {
     );
     let by_hook = start(
         "by-hook",
-        format!("AuthorizedKeysFile none\n{}", rig.hook_lines(&state, None)),
+        format!(
+            "AuthorizedKeysFile none\n{}",
+            rig.hook_lines(&state, None, true)
+        ),
     );
     let name = &user.name;
     let mut both = [(by_file, "authorized_keys"), (by_hook, "the hook")];

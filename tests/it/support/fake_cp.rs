@@ -964,6 +964,16 @@ impl FakeControlPlane {
         self.shared.lock().log.clone()
     }
 
+    /// How many list requests the fake has served.
+    pub fn list_requests(&self) -> usize {
+        self.shared
+            .lock()
+            .log
+            .iter()
+            .filter(|r| r.endpoint == Endpoint::List)
+            .count()
+    }
+
     pub fn request_count(&self) -> usize {
         self.shared.lock().log.len()
     }

@@ -115,12 +115,14 @@ impl LoginRig {
         client_key(&self.keys, name)
     }
 
-    /// The sshd lines that run the hook with `%u %f` (and `--socket`, when
-    /// given, for the login-triggered refresh).
-    pub fn hook_lines(&self, state_dir: &Path, socket: Option<&Path>) -> String {
+    /// The sshd lines that run the hook with `%u`, or `%u %f` with
+    /// `fingerprint` (and `--socket`, when given, for the login-triggered
+    /// refresh).
+    pub fn hook_lines(&self, state_dir: &Path, socket: Option<&Path>, fingerprint: bool) -> String {
         let socket = socket.map_or(String::new(), |s| format!(" --socket {}", s.display()));
+        let fpr = if fingerprint { " %f" } else { "" };
         format!(
-            "AuthorizedKeysCommand {} authorized-keys --state-dir {}{socket} %u %f\n\
+            "AuthorizedKeysCommand {} authorized-keys --state-dir {}{socket} %u{fpr}\n\
              AuthorizedKeysCommandUser {}\n",
             self.binary.path().display(),
             state_dir.display(),
