@@ -10,6 +10,13 @@
 #   bash bench/hook.sh                 # from the repo root; needs cargo, python3
 #   ITER_SMALL=4000 ITER_BIG=1000 bash bench/hook.sh
 #   BENCH_NO_PIE=1 bash bench/hook.sh  # the same code linked as a non-PIE executable
+#   BENCH_HOOK=agent bash bench/hook.sh  # the agent binary alone as /usr/bin/keysync
+#
+# The hook is what the packages install: the front binary as
+# PREFIX/bin/keysync and the agent binary as PREFIX/libexec/keysync/keysync
+# (src/cli/entry.rs), here under a scratch PREFIX. The front answers a
+# cached key itself and execs the agent binary for an unknown one, so the
+# "unknown key" and "index removed" rows time both.
 #
 # The caches (and their fingerprint index, users/USER.fpr) are written by
 # the real agent (`keysync run --once` with a file source, write = "none"),
@@ -44,16 +51,26 @@ if [ "${BENCH_NO_PIE:-0}" = 1 ]; then
     # the flag off build scripts and proc macros, which must stay PIC.
     host=$(rustc -vV | sed -n 's/^host: //p')
     RUSTFLAGS="-C relocation-model=static" cargo build --release --quiet --target "$host"
-    bin=$target_dir/$host/release/keysync
+    built=$target_dir/$host/release
 else
     cargo build --release --quiet
-    bin=$target_dir/release/keysync
+    built=$target_dir/release
 fi
-kind=$(python3 -c 'import sys; f = open(sys.argv[1], "rb"); f.seek(16); print({2: "non-PIE", 3: "PIE"}.get(int.from_bytes(f.read(2), "little"), "?"))' "$bin")
-echo "   $bin ($kind)" >&2
 
 work=$(mktemp -d /tmp/keysync-bench.XXXXXX)
 trap 'rm -rf "$work"' EXIT
+mkdir -p "$work/prefix/bin" "$work/prefix/libexec/keysync"
+bin=$work/prefix/bin/keysync
+case "${BENCH_HOOK:-installed}" in
+    installed)
+        cp "$built/keysync-front" "$bin"
+        cp "$built/keysync" "$work/prefix/libexec/keysync/keysync"
+        ;;
+    agent) cp "$built/keysync" "$bin" ;;
+    *) echo "BENCH_HOOK is installed or agent" >&2; exit 2 ;;
+esac
+kind=$(python3 -c 'import sys; f = open(sys.argv[1], "rb"); f.seek(16); print({2: "non-PIE", 3: "PIE"}.get(int.from_bytes(f.read(2), "little"), "?"))' "$bin")
+echo "   $bin: ${BENCH_HOOK:-installed} ($kind, $(stat -c %s "$bin") bytes)" >&2
 user=$(id -un)
 
 echo "== writing caches with the agent" >&2

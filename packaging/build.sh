@@ -29,7 +29,7 @@ target=$(cargo metadata --no-deps --format-version 1 | sed -n 's/.*"target_direc
 assets=$target/release/packaging-assets
 out=$target/packages
 
-cargo build --release --locked --bin keysync
+cargo build --release --locked --bins
 rm -rf "$assets"
 cargo run --quiet --locked --example gen-assets -- "$assets" >/dev/null
 # Both packages get these (rpmbuild would gzip them; cargo-deb would too,

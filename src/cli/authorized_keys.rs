@@ -16,7 +16,7 @@
 //! for nothing: the agent does not manage that user). The cache is replaced
 //! by rename, so a read sees the old or the new file, never a mix.
 
-use std::fs::File;
+use std::fs::{File, Metadata};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
@@ -49,7 +49,7 @@ pub struct Args {
 }
 
 pub fn main(state_dir: &Path, socket: &Path, user: &str, fingerprint: Option<&str>) -> u8 {
-    if user.is_empty() || user.contains('/') || user.starts_with('.') {
+    if !user_ok(user) {
         return EXIT_OK;
     }
     let path = crate::state::cache_path(state_dir, user);
@@ -57,6 +57,47 @@ pub fn main(state_dir: &Path, socket: &Path, user: &str, fingerprint: Option<&st
         None => print_cache(&path),
         Some(fpr) => print_key(state_dir, socket, user, fpr),
     };
+    outcome(result, &path)
+}
+
+/// What the front binary (src/cli/entry.rs) answers itself, from the cache
+/// and its index alone: the whole cache, or a key the index finds. None
+/// when answering needs this binary's other parts: a key the index does
+/// not hold (so perhaps a refresh) or an index that is stale or missing
+/// (so the cache is parsed), or an error to report.
+pub fn answer_from_cache(args: &Args) -> Option<u8> {
+    if !user_ok(&args.user) {
+        return Some(EXIT_OK);
+    }
+    let path = crate::state::cache_path(&args.state_dir, &args.user);
+    let Some(fpr) = args.fingerprint.as_deref() else {
+        return Some(outcome(print_cache(&path), &path));
+    };
+    let wanted = cache_index::sha256_part(fpr)?;
+    let Ok(opened) = open_cache(&args.state_dir, &args.user) else {
+        return None;
+    };
+    let Some((cache, meta)) = opened else {
+        return Some(EXIT_OK);
+    };
+    match indexed(&args.state_dir, &args.user, &cache, &meta, wanted) {
+        Some(Found::Lines(lines)) => Some(outcome(
+            stdout().and_then(|mut o| o.write_all(&lines)),
+            &path,
+        )),
+        Some(Found::NoCache | Found::Absent) | None => None,
+    }
+}
+
+/// sshd's `%u` is a user name: one that could leave the cache directory
+/// names no cache.
+fn user_ok(user: &str) -> bool {
+    !(user.is_empty() || user.contains('/') || user.starts_with('.'))
+}
+
+/// The exit code for the hook's `result`; an error is reported with the
+/// cache's `path`.
+fn outcome(result: std::io::Result<()>, path: &Path) -> u8 {
     match result {
         Ok(()) => EXIT_OK,
         // sshd closing the pipe early is not our failure.
@@ -141,21 +182,11 @@ fn print_key(state_dir: &Path, socket: &Path, user: &str, fpr: &str) -> std::io:
 /// Looks `fpr` up in USER's cache: through the index when it describes the
 /// cache that is there, else by reading the cache.
 fn find(state_dir: &Path, user: &str, fpr: &str, wanted: &[u8]) -> std::io::Result<Found> {
-    let mut cache = match File::open(crate::state::cache_path(state_dir, user)) {
-        Ok(f) => f,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Found::NoCache),
-        Err(e) => return Err(e),
+    let Some((mut cache, meta)) = open_cache(state_dir, user)? else {
+        return Ok(Found::NoCache);
     };
-    let meta = cache.metadata()?;
-    if let Ok(index) = File::open(crate::state::index_path(state_dir, user)) {
-        // Not parsed again: the line comes from the cache that was opened,
-        // so it is a key the agent grants, and sshd itself checks that the
-        // key it was offered is the one printed.
-        match cache_index::lookup(&index, &cache, &meta, wanted) {
-            Lookup::Absent => return Ok(Found::Absent),
-            Lookup::Line(line) => return Ok(Found::Lines(line)),
-            Lookup::Unusable => {}
-        }
+    if let Some(found) = indexed(state_dir, user, &cache, &meta, wanted) {
+        return Ok(found);
     }
     let mut content = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
     cache.read_to_end(&mut content)?;
@@ -165,6 +196,39 @@ fn find(state_dir: &Path, user: &str, fpr: &str, wanted: &[u8]) -> std::io::Resu
     } else {
         Found::Lines(lines)
     })
+}
+
+/// USER's cache, opened once (everything after reads that inode), and its
+/// metadata; None when there is none.
+fn open_cache(state_dir: &Path, user: &str) -> std::io::Result<Option<(File, Metadata)>> {
+    match File::open(crate::state::cache_path(state_dir, user)) {
+        Ok(cache) => {
+            let meta = cache.metadata()?;
+            Ok(Some((cache, meta)))
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// What the index beside `cache` says about `wanted`; None when there is no
+/// index of that cache.
+fn indexed(
+    state_dir: &Path,
+    user: &str,
+    cache: &File,
+    meta: &Metadata,
+    wanted: &[u8],
+) -> Option<Found> {
+    let index = File::open(crate::state::index_path(state_dir, user)).ok()?;
+    // Not parsed again: the line comes from the cache that was opened, so
+    // it is a key the agent grants, and sshd itself checks that the key it
+    // was offered is the one printed.
+    match cache_index::lookup(&index, cache, meta, wanted) {
+        Lookup::Absent => Some(Found::Absent),
+        Lookup::Line(line) => Some(Found::Lines(line)),
+        Lookup::Unusable => None,
+    }
 }
 
 /// The lines of `content` whose key has the SHA256 fingerprint `fpr`.

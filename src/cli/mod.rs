@@ -10,6 +10,7 @@ use crate::logging::LogFormat;
 
 pub mod authorized_keys;
 pub mod check_config;
+pub mod entry;
 pub mod run;
 pub mod status;
 

@@ -412,3 +412,121 @@ fn a_cache_replaced_by_rename_is_never_read_torn() {
         "not enough overlap: {runs} runs (small {saw_small}, big {saw_big}) over {renames} renames"
     );
 }
+
+/// The front binary (what the packages install as /usr/bin/keysync), run
+/// from cargo's target directory, where the agent binary is beside it.
+fn front_cmd(front: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(front);
+    cmd.args(args)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(std::process::Stdio::null());
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_front_binary_answers_as_the_agent_binary_does() {
+    let [alice, bob, carol] = fixture_keys();
+    let user = current_user();
+    let env = synced_env(vec![alice.into(), bob.into()], user.clone(), None).await;
+    let state = env.state_dir();
+    let state = state.to_str().expect("utf-8");
+    let socket = env.dir.path().join("no-agent.sock");
+    let socket = socket.to_str().expect("utf-8");
+    let bob_fpr = openssh_fingerprint(env.dir.path(), bob);
+    let carol_fpr = openssh_fingerprint(env.dir.path(), carol);
+    let front = PathBuf::from(env!("CARGO_BIN_EXE_keysync-front"));
+    let hook = |extra: &[&str]| {
+        let mut args = vec!["authorized-keys", "--state-dir", state, "--socket", socket];
+        args.extend_from_slice(extra);
+        args.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        ("all keys", hook(&[&user])),
+        ("a cached key, from the index", hook(&[&user, &bob_fpr])),
+        (
+            "an unknown key: the agent binary asks for a refresh",
+            hook(&[&user, &carol_fpr]),
+        ),
+        ("not a SHA256 fingerprint", hook(&[&user, "MD5:00:11"])),
+        ("an unknown user", hook(&["nobody-here", &bob_fpr])),
+        ("clap's usage error", vec!["authorized-keys".into()]),
+        ("another command", vec!["--version".into()]),
+    ];
+    let run_cases = |label: &str| {
+        for (case, args) in &cases {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let agent = keysync_cmd(&args).output().expect("run the agent binary");
+            let fronted = front_cmd(&front, &args)
+                .output()
+                .expect("run the front binary");
+            assert_eq!(
+                fronted.status.code(),
+                agent.status.code(),
+                "{label}, {case}: exit code"
+            );
+            assert_eq!(
+                text(&fronted.stdout),
+                text(&agent.stdout),
+                "{label}, {case}: stdout"
+            );
+        }
+    };
+    run_cases("with the index");
+    let front_out = front_cmd(
+        &front,
+        &hook(&[&user, &bob_fpr])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+    .output()
+    .expect("run the front binary");
+    assert_eq!(
+        text(&front_out.stdout),
+        lines(&[bob]),
+        "the cached key's line"
+    );
+    // A stale or missing index: the agent binary reads the whole cache.
+    std::fs::remove_file(env.state_dir().join(format!("users/{user}.fpr")))
+        .expect("remove the index");
+    run_cases("without the index");
+
+    // The front binary alone (a copy with no agent binary beside it):
+    // cached keys are still answered, the rest fails with a clear message.
+    let alone = env.dir.path().join("alone");
+    std::fs::create_dir(&alone).expect("mkdir");
+    let copy = alone.join("keysync");
+    std::fs::copy(&front, &copy).expect("copy the front binary");
+    let out = front_cmd(&copy, &["status"])
+        .output()
+        .expect("run the copy");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("the agent binary is not installed"),
+        "{}",
+        text(&out.stderr)
+    );
+    let args = hook(&[&user]);
+    let out = front_cmd(&copy, &args.iter().map(String::as_str).collect::<Vec<_>>())
+        .output()
+        .expect("run the copy");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        lines(&[alice, bob]),
+        "the whole cache, by the front alone"
+    );
+    // An unknown key needs the agent binary: no key, exit 0, and why.
+    let args = hook(&[&user, &carol_fpr]);
+    let out = front_cmd(&copy, &args.iter().map(String::as_str).collect::<Vec<_>>())
+        .output()
+        .expect("run the copy");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "", "no key for an unknown fingerprint");
+    assert!(
+        text(&out.stderr).contains("not installed"),
+        "{}",
+        text(&out.stderr)
+    );
+}

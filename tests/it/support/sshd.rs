@@ -65,22 +65,33 @@ impl HookBinary {
             .tempdir_in("/run")
             .expect("tempdir in /run");
         chmod(dir.path(), 0o755);
-        let path = dir.path().join("keysync");
-        let built = bin();
-        let meta = std::fs::metadata(&built).expect("stat the built binary");
-        use std::os::unix::fs::MetadataExt;
-        let safe = meta.uid() == 0 && meta.mode() & 0o022 == 0;
-        // A hard link shares the (root-owned, 0755) inode and costs nothing;
-        // across file systems, or with unsafe modes, copy.
-        if !(safe && std::fs::hard_link(&built, &path).is_ok()) {
-            std::fs::copy(&built, &path).expect("copy the binary");
-            chmod(&path, 0o755);
+        // As the packages install them: the front binary as bin/keysync,
+        // the agent binary as libexec/keysync/keysync.
+        for sub in ["bin", "libexec", "libexec/keysync"] {
+            std::fs::create_dir(dir.path().join(sub)).expect("mkdir in the hook dir");
+            chmod(&dir.path().join(sub), 0o755);
         }
+        let front = PathBuf::from(env!("CARGO_BIN_EXE_keysync-front"));
+        place(&front, &dir.path().join("bin/keysync"));
+        place(&bin(), &dir.path().join("libexec/keysync/keysync"));
         HookBinary { dir }
     }
 
     pub fn path(&self) -> PathBuf {
-        self.dir.path().join("keysync")
+        self.dir.path().join("bin/keysync")
+    }
+}
+
+/// Puts the built binary `built` at `path`, 0755 and root's.
+fn place(built: &Path, path: &Path) {
+    let meta = std::fs::metadata(built).expect("stat the built binary");
+    use std::os::unix::fs::MetadataExt;
+    let safe = meta.uid() == 0 && meta.mode() & 0o022 == 0;
+    // A hard link shares the (root-owned, 0755) inode and costs nothing;
+    // across file systems, or with unsafe modes, copy.
+    if !(safe && std::fs::hard_link(built, path).is_ok()) {
+        std::fs::copy(built, path).expect("copy the binary");
+        chmod(path, 0o755);
     }
 }
 
