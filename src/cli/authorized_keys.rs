@@ -49,44 +49,61 @@ pub struct Args {
 }
 
 pub fn main(state_dir: &Path, socket: &Path, user: &str, fingerprint: Option<&str>) -> u8 {
+    // Parse never defers.
+    answer(state_dir, socket, user, fingerprint, Unindexed::Parse).unwrap_or(EXIT_OK)
+}
+
+/// The hook as the front binary (src/cli/entry.rs) answers it: everything
+/// but parsing the cache, which needs this binary's key parser. None when
+/// the index beside the cache is stale or missing, so only a parse of the
+/// cache can find the key.
+pub fn answer_from_cache(args: &Args) -> Option<u8> {
+    let socket = args.socket.as_deref().unwrap_or(Path::new(DEFAULT_SOCKET));
+    let fpr = args.fingerprint.as_deref();
+    answer(&args.state_dir, socket, &args.user, fpr, Unindexed::Defer)
+}
+
+/// What a lookup does when the index cannot say.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Unindexed {
+    /// Read and parse the whole cache.
+    Parse,
+    /// Leave it to the caller (the answer is None).
+    Defer,
+}
+
+/// The hook's exit code, having printed its answer; None only when
+/// `unindexed` is Defer and the index could not say.
+fn answer(
+    state_dir: &Path,
+    socket: &Path,
+    user: &str,
+    fingerprint: Option<&str>,
+    unindexed: Unindexed,
+) -> Option<u8> {
     if !user_ok(user) {
-        return EXIT_OK;
+        return Some(EXIT_OK);
     }
     let path = crate::state::cache_path(state_dir, user);
     let result = match fingerprint {
         None => print_cache(&path),
-        Some(fpr) => print_key(state_dir, socket, user, fpr),
+        Some(fpr) => match print_key(state_dir, socket, user, fpr, unindexed) {
+            Ok(None) => return None,
+            Ok(Some(())) => Ok(()),
+            Err(e) => Err(e),
+        },
     };
-    outcome(result, &path)
+    Some(outcome(result, &path))
 }
 
-/// What the front binary (src/cli/entry.rs) answers itself, from the cache
-/// and its index alone: the whole cache, or a key the index finds. None
-/// when answering needs this binary's other parts: a key the index does
-/// not hold (so perhaps a refresh) or an index that is stale or missing
-/// (so the cache is parsed), or an error to report.
-pub fn answer_from_cache(args: &Args) -> Option<u8> {
-    if !user_ok(&args.user) {
-        return Some(EXIT_OK);
+/// Prints the whole cache of `user`: the answer for any key when its line
+/// cannot be found (sshd checks the offered key against every line).
+pub fn print_all(state_dir: &Path, user: &str) -> u8 {
+    if !user_ok(user) {
+        return EXIT_OK;
     }
-    let path = crate::state::cache_path(&args.state_dir, &args.user);
-    let Some(fpr) = args.fingerprint.as_deref() else {
-        return Some(outcome(print_cache(&path), &path));
-    };
-    let wanted = cache_index::sha256_part(fpr)?;
-    let Ok(opened) = open_cache(&args.state_dir, &args.user) else {
-        return None;
-    };
-    let Some((cache, meta)) = opened else {
-        return Some(EXIT_OK);
-    };
-    match indexed(&args.state_dir, &args.user, &cache, &meta, wanted) {
-        Some(Found::Lines(lines)) => Some(outcome(
-            stdout().and_then(|mut o| o.write_all(&lines)),
-            &path,
-        )),
-        Some(Found::NoCache | Found::Absent) | None => None,
-    }
+    let path = crate::state::cache_path(state_dir, user);
+    outcome(print_cache(&path), &path)
 }
 
 /// sshd's `%u` is a user name: one that could leave the cache directory
@@ -153,49 +170,67 @@ enum Found {
 }
 
 /// Prints the line of the key with fingerprint `fpr`; asks the agent for a
-/// refresh first when the cache does not hold it.
-fn print_key(state_dir: &Path, socket: &Path, user: &str, fpr: &str) -> std::io::Result<()> {
+/// refresh first when the cache does not hold it. Ok(None): deferred (see
+/// [`Unindexed`]), nothing printed.
+fn print_key(
+    state_dir: &Path,
+    socket: &Path,
+    user: &str,
+    fpr: &str,
+    unindexed: Unindexed,
+) -> std::io::Result<Option<()>> {
     // sshd passes SHA256 fingerprints (its default FingerprintHash); for
     // anything else no cached key matches, and a refresh would not help.
     let Some(wanted) = cache_index::sha256_part(fpr) else {
-        return Ok(());
+        return Ok(Some(()));
     };
-    let lines = match find(state_dir, user, fpr, wanted)? {
-        Found::Lines(lines) => lines,
-        Found::NoCache => return Ok(()),
-        Found::Absent => {
+    let lines = match find(state_dir, user, fpr, wanted, unindexed)? {
+        None => return Ok(None),
+        Some(Found::Lines(lines)) => lines,
+        Some(Found::NoCache) => return Ok(Some(())),
+        Some(Found::Absent) => {
             if let Err(why) = ask_refresh(socket, REFRESH_WITHIN) {
                 eprintln!(
                     "keysync authorized-keys: key {fpr} is not in the cache of {user}, and no refresh: {why}; printing what the cache holds"
                 );
             }
             // Whatever the agent answered (or not), the cache decides.
-            match find(state_dir, user, fpr, wanted)? {
-                Found::Lines(lines) => lines,
-                Found::NoCache | Found::Absent => return Ok(()),
+            match find(state_dir, user, fpr, wanted, unindexed)? {
+                None => return Ok(None),
+                Some(Found::Lines(lines)) => lines,
+                Some(Found::NoCache | Found::Absent) => return Ok(Some(())),
             }
         }
     };
-    stdout()?.write_all(&lines)
+    stdout()?.write_all(&lines).map(Some)
 }
 
 /// Looks `fpr` up in USER's cache: through the index when it describes the
-/// cache that is there, else by reading the cache.
-fn find(state_dir: &Path, user: &str, fpr: &str, wanted: &[u8]) -> std::io::Result<Found> {
+/// cache that is there, else as `unindexed` says (None: deferred).
+fn find(
+    state_dir: &Path,
+    user: &str,
+    fpr: &str,
+    wanted: &[u8],
+    unindexed: Unindexed,
+) -> std::io::Result<Option<Found>> {
     let Some((mut cache, meta)) = open_cache(state_dir, user)? else {
-        return Ok(Found::NoCache);
+        return Ok(Some(Found::NoCache));
     };
     if let Some(found) = indexed(state_dir, user, &cache, &meta, wanted) {
-        return Ok(found);
+        return Ok(Some(found));
+    }
+    if unindexed == Unindexed::Defer {
+        return Ok(None);
     }
     let mut content = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
     cache.read_to_end(&mut content)?;
     let lines = filter(&content, fpr);
-    Ok(if lines.is_empty() {
+    Ok(Some(if lines.is_empty() {
         Found::Absent
     } else {
         Found::Lines(lines)
-    })
+    }))
 }
 
 /// USER's cache, opened once (everything after reads that inode), and its

@@ -6,10 +6,12 @@
 //! client offers, and that must cost about what `cat` of the cache costs
 //! (DESIGN.md §9, `bench/hook.sh`). Most of a big binary's start-up is the
 //! dynamic loader relocating it, so the front is small: it answers from the
-//! cache and its fingerprint index itself, and `exec`s the agent binary,
-//! same process, same arguments, for everything else (every other command,
-//! and a key the index does not hold, which may need a refresh). The agent
-//! binary on its own still does all of it, only slower at the hook.
+//! cache and its fingerprint index itself (a key the index does not hold
+//! included: it asks the agent for a refresh and looks again), and `exec`s
+//! the agent binary, same process, same arguments, for everything else:
+//! every other command, and a cache whose index is stale or missing, which
+//! only the agent binary's key parser can search. The agent binary on its
+//! own still does all of it, only slower at the hook.
 //!
 //! Both entry points are C's `main` (`no_main`): std's set-up before a Rust
 //! `main` (reading `/proc/self/maps` for the main thread's stack guard, an
@@ -22,8 +24,8 @@ use std::io::{self, ErrorKind};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
+use super::EXIT_FAILED;
 use super::authorized_keys;
-use super::{EXIT_FAILED, EXIT_OK};
 
 /// What std's runtime returns when `main` panics.
 const EXIT_PANIC: c_int = 101;
@@ -69,12 +71,13 @@ pub fn front() -> u8 {
             return code;
         }
         let err = exec_agent(&args);
-        // The hook never fails a login for its own trouble: the key is not
-        // in the index, and nothing else can tell more.
+        // The hook never fails a login for its own trouble. The whole
+        // cache is a right answer for any key (sshd matches the offered key
+        // against every line), only not a refresh for one it lacks.
         eprintln!(
-            "keysync authorized-keys: the key is not in the cache's index, and {err}; printing no key"
+            "keysync authorized-keys: the cache's fingerprint index is stale or missing, and {err}; printing the whole cache"
         );
-        return EXIT_OK;
+        return authorized_keys::print_all(&hook.state_dir, &hook.user);
     }
     let err = exec_agent(&args);
     eprintln!("keysync: {err}");

@@ -445,7 +445,7 @@ async fn the_front_binary_answers_as_the_agent_binary_does() {
         ("all keys", hook(&[&user])),
         ("a cached key, from the index", hook(&[&user, &bob_fpr])),
         (
-            "an unknown key: the agent binary asks for a refresh",
+            "an unknown key: a refresh asked for, no agent",
             hook(&[&user, &carol_fpr]),
         ),
         ("not a SHA256 fingerprint", hook(&[&user, "MD5:00:11"])),
@@ -487,46 +487,56 @@ async fn the_front_binary_answers_as_the_agent_binary_does() {
         lines(&[bob]),
         "the cached key's line"
     );
-    // A stale or missing index: the agent binary reads the whole cache.
-    std::fs::remove_file(env.state_dir().join(format!("users/{user}.fpr")))
-        .expect("remove the index");
-    run_cases("without the index");
-
     // The front binary alone (a copy with no agent binary beside it):
-    // cached keys are still answered, the rest fails with a clear message.
+    // every answer the cache and its index give is still given, other
+    // commands fail with a clear message.
     let alone = env.dir.path().join("alone");
     std::fs::create_dir(&alone).expect("mkdir");
     let copy = alone.join("keysync");
     std::fs::copy(&front, &copy).expect("copy the front binary");
-    let out = front_cmd(&copy, &["status"])
-        .output()
-        .expect("run the copy");
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("the agent binary is not installed"),
-        "{}",
-        text(&out.stderr)
-    );
-    let args = hook(&[&user]);
-    let out = front_cmd(&copy, &args.iter().map(String::as_str).collect::<Vec<_>>())
-        .output()
-        .expect("run the copy");
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let run_copy = |args: &[String]| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = front_cmd(&copy, &args).output().expect("run the copy");
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let (code, _, err) = run_copy(&["status".to_string()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("the agent binary is not installed"), "{err}");
+    let (code, out, err) = run_copy(&hook(&[&user]));
+    assert_eq!(code, Some(0), "{err}");
     assert_eq!(
-        text(&out.stdout),
+        out,
         lines(&[alice, bob]),
         "the whole cache, by the front alone"
     );
-    // An unknown key needs the agent binary: no key, exit 0, and why.
-    let args = hook(&[&user, &carol_fpr]);
-    let out = front_cmd(&copy, &args.iter().map(String::as_str).collect::<Vec<_>>())
-        .output()
-        .expect("run the copy");
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "", "no key for an unknown fingerprint");
+    let (code, out, err) = run_copy(&hook(&[&user, &bob_fpr]));
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, lines(&[bob]), "a cached key, by the front alone");
+    // An unknown key: the front itself asks for the refresh (no agent
+    // here), looks again, and prints no key.
+    let (code, out, err) = run_copy(&hook(&[&user, &carol_fpr]));
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "", "no key for an unknown fingerprint");
     assert!(
-        text(&out.stderr).contains("not installed"),
-        "{}",
-        text(&out.stderr)
+        err.contains("is not in the cache") && err.contains("cannot reach the agent"),
+        "{err}"
+    );
+
+    // A stale or missing index: the agent binary reads the whole cache.
+    std::fs::remove_file(env.state_dir().join(format!("users/{user}.fpr")))
+        .expect("remove the index");
+    run_cases("without the index");
+    // And without the agent binary the front prints the whole cache, which
+    // answers any key sshd offers, and says why.
+    let (code, out, err) = run_copy(&hook(&[&user, &bob_fpr]));
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        out,
+        lines(&[alice, bob]),
+        "the whole cache for a cached key"
+    );
+    assert!(
+        err.contains("index is stale or missing") && err.contains("not installed"),
+        "{err}"
     );
 }
