@@ -9,14 +9,15 @@
 #
 #   bash bench/hook.sh                 # from the repo root; needs cargo, python3
 #   ITER_SMALL=4000 ITER_BIG=1000 bash bench/hook.sh
-#   BENCH_NO_PIE=1 bash bench/hook.sh  # the same code linked as a non-PIE executable
+#   BENCH_HOOK=dynamic-front bash bench/hook.sh  # the front linked dynamically
 #   BENCH_HOOK=agent bash bench/hook.sh  # the agent binary alone as /usr/bin/keysync
 #
-# The hook is what the packages install: the front binary as
-# PREFIX/bin/keysync and the agent binary as PREFIX/libexec/keysync/keysync
-# (src/cli/entry.rs), here under a scratch PREFIX. The front answers a
-# cached key itself and execs the agent binary for an unknown one, so the
-# "unknown key" and "index removed" rows time both.
+# The hook is what the packages install: the front binary, statically
+# linked by packaging/front.sh, as PREFIX/bin/keysync and the agent binary
+# as PREFIX/libexec/keysync/keysync (src/cli/entry.rs), here under a scratch
+# PREFIX. The front answers from the cache and its index itself, a refresh
+# for an unknown key included, and execs the agent binary only when the
+# index is stale or missing, so the "index removed" row times both.
 #
 # The caches (and their fingerprint index, users/USER.fpr) are written by
 # the real agent (`keysync run --once` with a file source, write = "none"),
@@ -42,34 +43,38 @@ ITER_BIG=${ITER_BIG:-500}
 
 command -v python3 >/dev/null || { echo "bench/hook.sh needs python3 (apt-get install python3)" >&2; exit 2; }
 
-echo "== building the release binary" >&2
+echo "== building the release binaries" >&2
 target_dir=${CARGO_TARGET_DIR:-$PWD/target}
-if [ "${BENCH_NO_PIE:-0}" = 1 ]; then
-    # Most of what keysync costs beyond cat is the dynamic loader applying
-    # ~14,000 relative relocations to a position-independent executable:
-    # ~60 copy-on-write page faults. A non-PIE build has none. --target keeps
-    # the flag off build scripts and proc macros, which must stay PIC.
-    host=$(rustc -vV | sed -n 's/^host: //p')
-    RUSTFLAGS="-C relocation-model=static" cargo build --release --quiet --target "$host"
-    built=$target_dir/$host/release
-else
-    cargo build --release --quiet
-    built=$target_dir/release
-fi
+built=$target_dir/release
+cargo build --release --quiet --bins
+case "${BENCH_HOOK:-installed}" in
+    installed) bash packaging/front.sh --quiet ;;
+    dynamic-front | agent) ;;
+    *) echo "BENCH_HOOK is installed, dynamic-front or agent" >&2; exit 2 ;;
+esac
 
 work=$(mktemp -d /tmp/keysync-bench.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/prefix/bin" "$work/prefix/libexec/keysync"
 bin=$work/prefix/bin/keysync
 case "${BENCH_HOOK:-installed}" in
-    installed)
+    installed | dynamic-front)
         cp "$built/keysync-front" "$bin"
         cp "$built/keysync" "$work/prefix/libexec/keysync/keysync"
         ;;
     agent) cp "$built/keysync" "$bin" ;;
-    *) echo "BENCH_HOOK is installed or agent" >&2; exit 2 ;;
 esac
-kind=$(python3 -c 'import sys; f = open(sys.argv[1], "rb"); f.seek(16); print({2: "non-PIE", 3: "PIE"}.get(int.from_bytes(f.read(2), "little"), "?"))' "$bin")
+# The ELF type (EXEC or DYN), and whether a program header names a loader.
+kind=$(python3 - "$bin" <<'EOF'
+import struct, sys
+data = open(sys.argv[1], "rb").read()
+e_type, = struct.unpack_from("<H", data, 16)
+phoff, = struct.unpack_from("<Q", data, 32)
+phentsize, phnum = struct.unpack_from("<HH", data, 54)
+interp = any(struct.unpack_from("<I", data, phoff + i * phentsize)[0] == 3 for i in range(phnum))
+print(("dynamic " if interp else "static ") + {2: "non-PIE", 3: "PIE"}.get(e_type, "?"))
+EOF
+)
 echo "   $bin: ${BENCH_HOOK:-installed} ($kind, $(stat -c %s "$bin") bytes)" >&2
 user=$(id -un)
 

@@ -10,7 +10,8 @@
 #                                       the same binary)
 #
 # Needs cargo-deb and cargo-generate-rpm (.ci/packaging installs pinned
-# versions). The release binary is built once and shared by both packages;
+# versions). The release binaries (the agent, and the front statically
+# linked by packaging/front.sh) are built once and shared by both packages;
 # the man pages and completions come from examples/gen-assets, i.e. from the
 # real clap definition in src/cli/mod.rs.
 #
@@ -30,6 +31,8 @@ assets=$target/release/packaging-assets
 out=$target/packages
 
 cargo build --release --locked --bins
+# The front binary as the packages ship it: statically linked.
+bash packaging/front.sh --locked --quiet
 rm -rf "$assets"
 cargo run --quiet --locked --example gen-assets -- "$assets" >/dev/null
 # Both packages get these (rpmbuild would gzip them; cargo-deb would too,
