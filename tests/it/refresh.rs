@@ -12,9 +12,10 @@
 //!   requests share one round; a source in backoff or Retry-After is not
 //!   fetched; `"0s"` turns it off; `/status`, `keysync status` and
 //!   `/metrics` count what the requests got.
-//! - The hook against peers that are not a healthy agent: one that never
-//!   answers, garbage, a closed connection, a 503. It exits 0 and prints
-//!   what the cache holds, and a key that is in the cache never connects.
+//! - The hook, as the agent binary and as the front binary, against peers
+//!   that are not a healthy agent: one that never answers, garbage, a
+//!   closed connection, a 503. It exits 0 and prints what the cache holds,
+//!   and a key that is in the cache never connects.
 //!
 //! No timing is asserted tightly: outcomes (logged in, refused, counts of
 //! requests at the fake), and generous upper bounds only where the issue
@@ -90,8 +91,20 @@ fn refreshes(socket: &Path, result: &str) -> u64 {
 /// `keysync authorized-keys --state-dir S --socket P USER FPR`, as sshd
 /// runs it; and how long it took.
 fn hook(state: &Path, socket: &Path, user: &str, fpr: &str) -> (Output, Duration) {
+    hook_with(&bin(), state, socket, user, fpr)
+}
+
+/// [`hook`] run by `binary`: the agent binary, or the front binary the
+/// packages install as `/usr/bin/keysync`.
+fn hook_with(
+    binary: &Path,
+    state: &Path,
+    socket: &Path,
+    user: &str,
+    fpr: &str,
+) -> (Output, Duration) {
     let started = Instant::now();
-    let out = Command::new(bin())
+    let out = Command::new(binary)
         .arg("authorized-keys")
         .arg("--state-dir")
         .arg(state)
@@ -553,15 +566,57 @@ fn read_request(stream: &mut UnixStream) -> String {
     String::from_utf8_lossy(&got).into_owned()
 }
 
+/// Makes the real agent (`run --once`, a file source, write "none") write
+/// `user`'s cache of `lines` and its fingerprint index in `dir/state`, as
+/// in production.
+fn agent_cache(dir: &Path, user: &str, lines: &[&str]) {
+    let keys = dir.join("keys.pub");
+    let content: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&keys, content).expect("write the key file");
+    let config = dir.join("cache.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = {state:?}\nhealth_socket = {socket:?}\n\n[sources.file]\nkind = \"file\"\npath = {keys:?}\n\n[[users]]\nname = {user:?}\nsources = [\"file\"]\nwrite = \"none\"\n",
+            state = dir.join("state"),
+            socket = dir.join("once.sock"),
+        ),
+    )
+    .expect("write the config");
+    let out = Command::new(bin())
+        .args(["run", "--once", "--config"])
+        .arg(&config)
+        .env("KEYSYNC_LOG", "warn")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run keysync run --once");
+    assert!(out.status.success(), "run --once: {}", text(&out.stderr));
+    let index = dir.join(format!("state/users/{user}.fpr"));
+    assert!(
+        index.exists(),
+        "run --once wrote no index at {}",
+        index.display()
+    );
+}
+
 #[test]
 fn the_hook_falls_back_to_the_cache_whatever_the_socket_does() {
+    // The agent binary, and the front binary, which asks for the refresh
+    // itself when the index says the key is not cached.
+    the_hook_falls_back_with(&bin());
+    the_hook_falls_back_with(Path::new(env!("CARGO_BIN_EXE_keysync-front")));
+}
+
+fn the_hook_falls_back_with(binary: &Path) {
+    let label = binary.display();
     let env = TestEnv::new();
     let [alice, bob, _] = fixture_keys();
-    let cache = hand_cache(env.path(), "zoe", &[alice]);
+    let user = current_user();
+    agent_cache(env.path(), &user, &[alice]);
     let state = env.state_dir();
     let socket = env.path().join("peer.sock");
     let fpr_bob = fingerprint(bob);
-
     let cases: Vec<(&str, Answer, &str)> = vec![
         (
             "garbage",
@@ -601,49 +656,60 @@ fn the_hook_falls_back_to_the_cache_whatever_the_socket_does() {
     for (case, answer, why) in cases {
         let _ = std::fs::remove_file(&socket);
         let peer = peer(&socket, answer);
-        let (out, took) = hook(&state, &socket, "zoe", &fpr_bob);
-        assert_eq!(out.status.code(), Some(0), "{case}: {}", text(&out.stderr));
-        assert!(out.stdout.is_empty(), "{case}: {}", text(&out.stdout));
+        let (out, took) = hook_with(binary, &state, &socket, &user, &fpr_bob);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{label}, {case}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            out.stdout.is_empty(),
+            "{label}, {case}: {}",
+            text(&out.stdout)
+        );
         let stderr = text(&out.stderr);
-        assert!(stderr.contains(why), "{case}: {stderr}");
+        assert!(stderr.contains(why), "{label}, {case}: {stderr}");
         assert!(
             took < HOOK_WAIT + Duration::from_secs(3),
-            "{case}: the hook took {took:?}"
+            "{label}, {case}: the hook took {took:?}"
         );
         if case == "silent" {
             assert!(
                 took >= HOOK_WAIT - Duration::from_millis(100),
-                "{case}: {took:?}"
+                "{label}, {case}: {took:?}"
             );
         }
         peer.join().expect("peer");
     }
 
-    // A peer that puts the key into the cache (by rename, as the agent
-    // does) before it answers: the hook reads the cache again and prints it.
+    // A peer that has the agent write the key into the cache (and its
+    // index) before it answers: the hook looks again and prints it.
     let _ = std::fs::remove_file(&socket);
-    let peer = peer(&socket, move |mut s| {
-        let request = read_request(&mut s);
-        assert!(
-            request.starts_with("POST /refresh HTTP/1.1\r\n"),
-            "{request}"
-        );
-        let temp = cache.with_file_name(".keysync.test");
-        std::fs::write(&temp, format!("{alice}\n{bob}\n")).expect("write");
-        std::fs::rename(&temp, &cache).expect("rename");
-        let _ = s.write_all(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 29\r\n\r\n{\"age_ms\":0,\"refreshed\":true}",
-        );
-    });
-    let (out, _) = hook(&state, &socket, "zoe", &fpr_bob);
+    let peer = {
+        let env_path = env.path().to_path_buf();
+        let user = user.clone();
+        peer(&socket, move |mut s| {
+            let request = read_request(&mut s);
+            assert!(
+                request.starts_with("POST /refresh HTTP/1.1\r\n"),
+                "{request}"
+            );
+            agent_cache(&env_path, &user, &[alice, bob]);
+            let _ = s.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 29\r\n\r\n{\"age_ms\":0,\"refreshed\":true}",
+            );
+        })
+    };
+    let (out, _) = hook_with(binary, &state, &socket, &user, &fpr_bob);
     peer.join().expect("peer");
     assert_eq!(
         text(&out.stdout),
         format!("{bob}\n"),
-        "{}",
+        "{label}: {}",
         text(&out.stderr)
     );
-    assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+    assert!(out.stderr.is_empty(), "{label}: {}", text(&out.stderr));
 }
 
 #[test]
