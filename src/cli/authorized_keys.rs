@@ -140,7 +140,7 @@ fn print_cache(path: &Path) -> std::io::Result<()> {
     // meanwhile is printed whole, old or new.
     let mut file = match File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) if no_such_cache(&e) => return Ok(()),
         Err(e) => return Err(e),
     };
     let mut out = stdout()?;
@@ -241,9 +241,16 @@ fn open_cache(state_dir: &Path, user: &str) -> std::io::Result<Option<(File, Met
             let meta = cache.metadata()?;
             Ok(Some((cache, meta)))
         }
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) if no_such_cache(&e) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Whether opening a cache failed because there is no such cache: none
+/// was written, or the user's name is too long for a file name (no user
+/// the agent manages has one; DESIGN.md §3: nothing printed, exit 0).
+fn no_such_cache(e: &std::io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::NotFound | ErrorKind::InvalidFilename)
 }
 
 /// What the index beside `cache` says about `wanted`; None when there is no

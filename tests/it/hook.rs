@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::support::config::{Config, User};
-use crate::support::env::{TestEnv, keysync_cmd};
+use crate::support::env::{TestEnv, bin, keysync_cmd};
 use crate::support::fake_cp::{fixture_keys, gen_ed25519_keys};
 use crate::support::scenario::Scenario;
 use crate::support::{current_user, output_within, text};
@@ -138,28 +138,45 @@ fn unknown_user_prints_nothing_and_exits_0() {
     let [alice, ..] = fixture_keys();
     write_cache(&state, "alice", &lines(&[alice]));
     let state = state.to_str().expect("utf-8");
+    let socket = env.path().join("no-agent.sock");
+    let socket = socket.to_str().expect("utf-8");
     // Names that must not resolve to any cache, including ones that try to
-    // leave the users directory.
-    for user in [
-        "nobody-here",
-        "alic",
-        "alice.keys",
-        "../users/alice",
-        ".alice",
-        "users/alice",
-    ] {
-        let out = hook(&["--state-dir", state, user]);
-        assert_eq!(out.status.code(), Some(0), "{user}: exit {:?}", out.status);
-        assert!(
-            out.stdout.is_empty(),
-            "{user}: printed {:?}",
-            text(&out.stdout)
-        );
-        assert!(
-            out.stderr.is_empty(),
-            "{user}: stderr {:?}",
-            text(&out.stderr)
-        );
+    // leave the users directory, and one too long for a file name (DESIGN.md
+    // §3: that too prints nothing and exits 0). Through both binaries, with
+    // and without a fingerprint (which asks for no refresh: no cache, no
+    // user the agent manages).
+    let too_long = "a".repeat(300);
+    let unknown_fpr = format!("SHA256:{}", "A".repeat(43));
+    let front = PathBuf::from(env!("CARGO_BIN_EXE_keysync-front"));
+    for binary in [bin(), front] {
+        for user in [
+            "nobody-here",
+            "alic",
+            "alice.keys",
+            "../users/alice",
+            ".alice",
+            "users/alice",
+            too_long.as_str(),
+        ] {
+            for fpr in [None, Some(unknown_fpr.as_str())] {
+                let mut args = vec!["authorized-keys", "--state-dir", state, "--socket", socket];
+                args.push(user);
+                args.extend(fpr);
+                let out = front_cmd(&binary, &args).output().expect("run the hook");
+                let case = format!("{}, {user:.20}, {fpr:?}", binary.display());
+                assert_eq!(out.status.code(), Some(0), "{case}: exit {:?}", out.status);
+                assert!(
+                    out.stdout.is_empty(),
+                    "{case}: printed {:?}",
+                    text(&out.stdout)
+                );
+                assert!(
+                    out.stderr.is_empty(),
+                    "{case}: stderr {:?}",
+                    text(&out.stderr)
+                );
+            }
+        }
     }
     // And the cache that is there is found (the loop above is not vacuous).
     let out = hook(&["--state-dir", state, "alice"]);
