@@ -76,7 +76,7 @@ pub(crate) fn bind(path: &Path) -> Result<UnixListener, HealthError> {
         && let Ok(Some(group)) = nix::unistd::Group::from_name(crate::state::GROUP)
         && let Err(e) = nix::unistd::chown(path, None, Some(group.gid))
     {
-        tracing::warn!(path = %shown, error = %e, "cannot give the health socket to group keysync");
+        tracing::warn!(path = %shown, error = %e, "cannot give the health socket {shown} to group keysync ({e}); the hook, running as user keysync, cannot ask for a refresh");
     }
     Ok(listener)
 }

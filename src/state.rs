@@ -129,20 +129,20 @@ impl StateDir {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot read last good state");
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the last good state of source {name} at {} ({e}); starting without it", path.display());
                 return None;
             }
         };
         let record: Record = match serde_json::from_slice(&bytes) {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "ignoring corrupt last good state");
+                tracing::warn!(path = %path.display(), error = %e, "ignoring the corrupt last good state of source {name} at {} ({e})", path.display());
                 return None;
             }
         };
         let (keys, rejected) = parse_entries(record.keys.iter().map(String::as_str), policy);
         for r in rejected {
-            tracing::warn!(source = name, %r, "persisted key no longer passes the policy");
+            tracing::warn!(source = name, %r, "a persisted key of source {name} no longer passes the policy, dropped: {r}");
         }
         let mut etag = record.etag;
         if etag.is_some() && record.policy.as_ref() != Some(policy) {

@@ -112,7 +112,12 @@ async fn start(settings: Settings, notifier: Notifier) -> anyhow::Result<Daemon>
         reports,
     };
     tracker.spawn(writer::run(ctx, syncer, reports_rx, events_rx, refresh_rx));
-    tracing::info!(config = %settings.config_path.display(), sources = settings.sources.len(), users = settings.users.len(), "keysync started");
+    let (config, sources, users) = (
+        settings.config_path.display(),
+        settings.sources.len(),
+        settings.users.len(),
+    );
+    tracing::info!(%config, sources, users, "keysync started with {config}: {sources} source(s), {users} user(s)");
     Ok(Daemon {
         board,
         cancel,

@@ -57,7 +57,7 @@ pub(crate) async fn run(
     let name = settings.name.clone();
     // Validated at config load; a URL that does not parse is no stream.
     let Ok(url) = reqwest::Url::parse(&sub_url) else {
-        tracing::error!(source = %name, "subscribe_url is not a URL; polling only");
+        tracing::error!(source = %name, "subscribe_url of source {name} is not a URL; polling only");
         return;
     };
     let client = match super::http::client(
@@ -112,7 +112,7 @@ pub(crate) async fn run(
         let mut retry_after = None;
         let error = match response {
             Ok(Ok(mut resp)) if resp.status().is_success() => {
-                tracing::info!(source = %name, "subscription stream connected");
+                tracing::info!(source = %name, "subscription stream of source {name} connected");
                 parser.reset();
                 stream_up.send_replace(true);
                 let connected_at = tokio::time::Instant::now();

@@ -221,10 +221,12 @@ fn warn_if_readable_by_others(path: &Path) {
         && !warned.iter().any(|p| p == path)
     {
         warned.push(path.to_path_buf());
+        let mode = format!("{:o}", meta.permissions().mode() & 0o7777);
         tracing::warn!(
             path = %path.display(),
-            mode = format!("{:o}", meta.permissions().mode() & 0o7777),
-            "API key file is readable by group or others; chmod 600 it"
+            %mode,
+            "API key file {} is readable by group or others (mode {mode}); chmod 600 it",
+            path.display()
         );
     }
 }

@@ -600,7 +600,13 @@ async fn log_formats_json_and_human() {
                 v["level"].is_string() && v["timestamp"].is_string(),
                 "{line}"
             );
-            if v["fields"]["message"] == "key added" {
+            if v["fields"]["event"] == "key_added" {
+                let message = v["fields"]["message"].as_str().unwrap_or_default();
+                assert!(
+                    message.contains("added for user root")
+                        && message.contains(v["fields"]["fingerprint"].as_str().unwrap_or("?")),
+                    "the text says what happened: {line}"
+                );
                 assert_eq!(v["fields"]["user"], "root", "{line}");
                 assert_eq!(v["fields"]["source"], "account", "{line}");
                 added.push(
@@ -622,12 +628,12 @@ async fn log_formats_json_and_human() {
         let inherited = run_once_logging(env, "json", |cmd| {
             cmd.env("JOURNAL_STREAM", "1:1").env_remove("KEYSYNC_LOG");
         });
-        assert!(inherited.contains("\"key added\""), "{inherited}");
+        assert!(inherited.contains("\"key_added\""), "{inherited}");
 
         let human = run_once_logging(env, "human", info);
         let line = human
             .lines()
-            .find(|l| l.contains("key added") && l.contains(&fingerprint(alice)))
+            .find(|l| l.contains("added for user root") && l.contains(&fingerprint(alice)))
             .unwrap_or_else(|| panic!("no key added line for alice:\n{human}"));
         assert!(serde_json::from_str::<serde_json::Value>(line).is_err());
         assert!(

@@ -246,7 +246,11 @@ async fn heartbeats_alone_trigger_nothing() {
             "the agent's stream and ours, no reconnect"
         );
         assert!(stream_connected(env));
-        assert!(agent.log_text().contains("subscription stream connected"));
+        assert!(
+            agent
+                .log_text()
+                .contains("subscription stream of source account connected")
+        );
     })
     .await;
 }

@@ -168,7 +168,10 @@ impl Syncer {
                     .get(&key.id())
                     .map(|s| s.join(","))
                     .unwrap_or_default();
-                tracing::info!(user, source, fingerprint = %key.fingerprint, comment = %key.comment, "key added");
+                let (fingerprint, comment) = (&key.fingerprint, &key.comment);
+                let named = key_name(fingerprint, comment);
+                // `event` names the change for log pipelines; the text is for people.
+                tracing::info!(event = "key_added", user, source, %fingerprint, %comment, "key {named} from source {source} added for user {user}");
             }
             if count > LOGGED_CHANGES {
                 tracing::info!(
@@ -183,7 +186,9 @@ impl Syncer {
         for key in removed {
             count += 1;
             if count <= LOGGED_CHANGES {
-                tracing::info!(user, fingerprint = %key.fingerprint, comment = %key.comment, "key removed");
+                let (fingerprint, comment) = (&key.fingerprint, &key.comment);
+                let named = key_name(fingerprint, comment);
+                tracing::info!(event = "key_removed", user, %fingerprint, %comment, "key {named} removed for user {user}");
             }
         }
         if count > LOGGED_CHANGES {
@@ -193,5 +198,15 @@ impl Syncer {
                 "{count} keys removed for user {user}; only the first {LOGGED_CHANGES} are logged one by one"
             );
         }
+    }
+}
+
+/// A key as a log message names it: its fingerprint, and its comment when
+/// it has one.
+fn key_name(fingerprint: &str, comment: &str) -> String {
+    if comment.is_empty() {
+        fingerprint.to_owned()
+    } else {
+        format!("{fingerprint} ({comment})")
     }
 }
