@@ -137,13 +137,13 @@ pub async fn run(
     raise_open_file_limit();
     let socket = settings.health_socket.clone();
     let daemon = start(settings, notifier.clone()).await?;
-    tokio::select! {
-        _ = shutdown => {}
+    let why = tokio::select! {
+        _ = shutdown => "asked to stop",
         // A task may cancel too (none does today); stop the same way.
-        _ = daemon.cancel.cancelled() => {}
-    }
+        _ = daemon.cancel.cancelled() => "one of its tasks cancelled the agent",
+    };
     notifier.stopping();
-    tracing::info!("stopping");
+    tracing::info!("stopping: {why}");
     daemon.cancel.cancel();
     daemon.tracker.close();
     if tokio::time::timeout(Duration::from_secs(5), daemon.tracker.wait())

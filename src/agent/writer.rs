@@ -224,13 +224,18 @@ impl Writer {
                         for (_, task) in self.sources.drain() {
                             task.cancel.cancel();
                         }
+                        let (sources, users) = (new.sources.len(), new.users.len());
                         let outcomes = tokio::task::block_in_place(|| {
                             self.syncer.reconfigure(new);
                             self.syncer.sync_all(now)
                         });
                         self.spawn_sources();
                         self.drift.update(self.syncer.watched_files());
-                        tracing::info!("config reloaded");
+                        tracing::info!(
+                            config = %path.display(),
+                            "config reloaded from {}: {sources} source(s), {users} user(s)",
+                            path.display()
+                        );
                         outcomes
                     }
                     Err(e) => {
