@@ -28,10 +28,8 @@ fn run() -> u8 {
     if args.get(1).is_some_and(|a| a == "authorized-keys")
         && let Some(hook) = authorized_keys::fast_args(&args[2..])
     {
-        let socket = hook.socket.as_deref();
-        let socket = socket.unwrap_or(std::path::Path::new(authorized_keys::DEFAULT_SOCKET));
         let fpr = hook.fingerprint.as_deref();
-        return authorized_keys::main(&hook.state_dir, socket, &hook.user, fpr);
+        return authorized_keys::main(&hook.state_dir, hook.socket(), &hook.user, fpr);
     }
     let code = cli::dispatch(cli::Cli::parse_from(args));
     // std's runtime would flush at exit; C's exit does not know Rust's buffer.

@@ -48,6 +48,13 @@ pub struct Args {
     pub fingerprint: Option<String>,
 }
 
+impl Args {
+    /// The health socket to ask for a refresh.
+    pub fn socket(&self) -> &Path {
+        self.socket.as_deref().unwrap_or(Path::new(DEFAULT_SOCKET))
+    }
+}
+
 pub fn main(state_dir: &Path, socket: &Path, user: &str, fingerprint: Option<&str>) -> u8 {
     // Parse never defers.
     answer(state_dir, socket, user, fingerprint, Unindexed::Parse).unwrap_or(EXIT_OK)
@@ -58,9 +65,14 @@ pub fn main(state_dir: &Path, socket: &Path, user: &str, fingerprint: Option<&st
 /// the index beside the cache is stale or missing, so only a parse of the
 /// cache can find the key.
 pub fn answer_from_cache(args: &Args) -> Option<u8> {
-    let socket = args.socket.as_deref().unwrap_or(Path::new(DEFAULT_SOCKET));
     let fpr = args.fingerprint.as_deref();
-    answer(&args.state_dir, socket, &args.user, fpr, Unindexed::Defer)
+    answer(
+        &args.state_dir,
+        args.socket(),
+        &args.user,
+        fpr,
+        Unindexed::Defer,
+    )
 }
 
 /// What a lookup does when the index cannot say.
@@ -99,11 +111,8 @@ fn answer(
 /// Prints the whole cache of `user`: the answer for any key when its line
 /// cannot be found (sshd checks the offered key against every line).
 pub fn print_all(state_dir: &Path, user: &str) -> u8 {
-    if !user_ok(user) {
-        return EXIT_OK;
-    }
-    let path = crate::state::cache_path(state_dir, user);
-    outcome(print_cache(&path), &path)
+    // Without a fingerprint no socket is asked.
+    main(state_dir, Path::new(DEFAULT_SOCKET), user, None)
 }
 
 /// sshd's `%u` is a user name: one that could leave the cache directory

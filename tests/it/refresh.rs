@@ -31,7 +31,7 @@ use keysync::keys::{Policy, parse_entry};
 
 use crate::support::agent::Agent;
 use crate::support::config::{Config, User};
-use crate::support::env::{TestEnv, bin};
+use crate::support::env::{TestEnv, bin, keysync_cmd};
 use crate::support::fake_cp::{FakeControlPlane, Fault, base64_encode, fixture_keys};
 use crate::support::http::{self, Response};
 use crate::support::sshd::{ClientKey, HookBinary, LoginRig, Sshd, base_config, can_run};
@@ -574,21 +574,17 @@ fn agent_cache(dir: &Path, user: &str, lines: &[&str]) {
     let content: String = lines.iter().map(|l| format!("{l}\n")).collect();
     std::fs::write(&keys, content).expect("write the key file");
     let config = dir.join("cache.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "state_dir = {state:?}\nhealth_socket = {socket:?}\n\n[sources.file]\nkind = \"file\"\npath = {keys:?}\n\n[[users]]\nname = {user:?}\nsources = [\"file\"]\nwrite = \"none\"\n",
-            state = dir.join("state"),
-            socket = dir.join("once.sock"),
-        ),
-    )
-    .expect("write the config");
-    let out = Command::new(bin())
-        .args(["run", "--once", "--config"])
-        .arg(&config)
+    let text_of = |p: PathBuf| p.display().to_string();
+    let settings = Config::default()
+        .top("state_dir", text_of(dir.join("state")))
+        .top("health_socket", text_of(dir.join("once.sock")))
+        .source("account", "file")
+        .set("path", text_of(keys))
+        .user(User::new(user, "none"));
+    std::fs::write(&config, settings.to_string()).expect("write the config");
+    let config = config.to_str().expect("utf-8 path");
+    let out = keysync_cmd(&["run", "--once", "--config", config])
         .env("KEYSYNC_LOG", "warn")
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(Stdio::null())
         .output()
         .expect("run keysync run --once");
     assert!(out.status.success(), "run --once: {}", text(&out.stderr));
